@@ -1,0 +1,159 @@
+"""plot.py: log parsing (headers, resumes, junk lines), the three PNGs, overlays and error messages."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import plot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A train_gpt2.py-style log: header, records, an unknown kind, junk, then a crash and a resume that redoes
+# steps 2 and 3 (the later lines must win).
+SYNTHETIC = """\
+# config {"total_batch_size": 8192, "max_steps": 5, "preset": "moliere"}
+# git 0123abc torch 2.4.0 device cpu
+0 val 10.9876
+0 hella 0.2500
+0 train 10.950000
+0 lr 0.0006
+1 train 9.500000
+1 sample Hello, I'm a language model, and
+2 train 8.000000
+3 tra
+
+oops
+4 val abc
+# resumed from model_00002.pt
+2 train 7.900000
+2 val 7.5000
+2 hella 0.2600
+3 train 7.100000
+4 train nan
+4 train 6.500000 extra
+4 train 6.400000
+5 val 6.3000
+5 hella 0.2700
+"""
+
+# build-nanogpt's log.txt: records only, no header (its tokens per step is 2**19, our default).
+NANOGPT = "0 val 10.9513\n0 hella 0.2490\n0 train 10.955029\n1 train 9.812309\n2 train 9.401567\n"
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def fake_run(steps, offset=0.0):
+    """A plausible log: train loss decaying from ~11 with noise, val every 10 steps, hella every 20."""
+    rng = np.random.default_rng(0)
+    lines = ['# config {"total_batch_size": 524288}']
+    for step in range(steps):
+        loss = 3 + 8 * np.exp(-step / 30) + offset
+        lines.append(f"{step} train {loss + rng.normal(0, 0.1):.6f}")
+        if step % 10 == 0:
+            lines.append(f"{step} val {loss + 0.1:.4f}")
+        if step % 20 == 0:
+            lines.append(f"{step} hella {0.25 + step / 4000 - offset / 100:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def test_parse_synthetic_log_keeps_later_lines_and_skips_junk(tmp_path):
+    log = plot.parse_log(write(tmp_path / "log" / "log.txt", SYNTHETIC))
+    assert log["train"] == {0: 10.95, 1: 9.5, 2: 7.9, 3: 7.1, 4: 6.4}
+    assert log["val"] == {0: 10.9876, 2: 7.5, 5: 6.3}
+    assert log["hella"] == {0: 0.25, 2: 0.26, 5: 0.27}
+    assert log["tokens_per_step"] == 8192
+    # "3 tra", "oops", "4 val abc", "4 train nan" and "4 train 6.5 extra"; lr/sample lines and blanks are not junk
+    assert log["skipped"] == 5
+
+
+def test_parse_build_nanogpt_log(tmp_path):
+    log = plot.parse_log(write(tmp_path / "log.txt", NANOGPT))
+    assert log["train"] == {0: 10.955029, 1: 9.812309, 2: 9.401567}
+    assert log["val"] == {0: 10.9513} and log["hella"] == {0: 0.249}
+    assert log["tokens_per_step"] is None and log["skipped"] == 0
+
+
+def test_ema_is_bias_corrected():
+    assert plot.ema([4.0] * 5, 0.9) == pytest.approx([4.0] * 5)  # no pull towards 0 at the start
+    smoothed = plot.ema([10.0, 0.0], 0.5)
+    assert smoothed == pytest.approx([10.0, 10.0 / 3])  # (0.5 * 5 + 0) / (1 - 0.25)
+
+
+def assert_real_png(path):
+    """A valid PNG, not tiny, and not one flat colour (a blank canvas would pass the first two checks)."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+    pixels = matplotlib.image.imread(path)[..., :3]
+    assert pixels.std() > 0.05
+    packed = (pixels * 255).round().astype(np.int64) @ np.array([65536, 256, 1])  # one int per RGB colour
+    assert len(np.unique(packed)) > 50
+    return pixels
+
+
+def count_colour(pixels, hex_colour):
+    """Pixels exactly (to 1/255) of one colour: the centre of a line drawn in it."""
+    rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int((np.abs(pixels - rgb).max(axis=-1) < 1.5 / 255).sum())
+
+
+def test_main_writes_three_pngs_and_summary(tmp_path, capsys):
+    path = write(tmp_path / "myrun" / "log.txt", fake_run(100))
+    plot.main([str(path), "--out", str(tmp_path / "out")])
+    for name in ("train_loss.png", "val_loss.png", "hellaswag.png"):
+        pixels = assert_real_png(tmp_path / "out" / name)
+        assert count_colour(pixels, "#1f77b4") > 200  # the run, drawn in matplotlib's first colour C0
+        if name == "train_loss.png":  # plus the raw curve under it: C0 at alpha 0.25 on white
+            assert count_colour(pixels, "#c7ddec") > 200
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    # the final train loss is the bias-corrected EMA (default 0.95) of all 100 train losses, written out in full
+    losses = np.array(list(plot.parse_log(path)["train"].values()))
+    weights = 0.05 * 0.95 ** np.arange(99, -1, -1)
+    final = (weights * losses).sum() / (1 - 0.95**100)
+    assert summary.startswith(f"myrun | 100 steps, 52.43M tokens, final train loss {final:.4f} |")  # 100 * 2**19
+    # val at step 90 = 3 + 8 * exp(-3) + 0.1; HellaSwag rises with the step, so its last eval (80) is best
+    assert "min val loss 3.4983 @ step 90" in summary and "max HellaSwag 0.2700 @ step 80" in summary
+
+
+def test_two_logs_overlay_with_distinct_labels(tmp_path, capsys):
+    # Both logs live in a dir called log/, so the labels fall back to the full dirs to tell them apart.
+    first = write(tmp_path / "a" / "log" / "log.txt", fake_run(60))
+    second = write(tmp_path / "b" / "log" / "log.txt", fake_run(80, offset=0.5))
+    plot.main([str(first), str(second), "--out", str(tmp_path / "out"), "--smooth", "0"])
+    for name in ("train_loss.png", "val_loss.png", "hellaswag.png"):
+        pixels = assert_real_png(tmp_path / "out" / name)
+        assert count_colour(pixels, "#1f77b4") > 100 and count_colour(pixels, "#ff7f0e") > 100  # C0 and C1
+    out = capsys.readouterr().out
+    assert f"{first.parent} | 60 steps" in out and f"{second.parent} | 80 steps" in out
+    # --smooth 0: the final train loss is the last raw value
+    assert f"final train loss {plot.parse_log(second)['train'][79]:.4f}" in out
+
+
+def test_labels_flag_and_log_without_hellaswag(tmp_path, capsys):
+    path = write(tmp_path / "log" / "log.txt", NANOGPT.replace("0 hella 0.2490\n", ""))
+    plot.main([str(path), "--labels", "nano", "--out", str(tmp_path / "out"), "--tokens_per_step", "1000"])
+    out = capsys.readouterr().out
+    assert "hellaswag.png (no 'hella' records)" in out
+    assert_real_png(tmp_path / "out" / "hellaswag.png")  # still written: the baselines and a note
+    assert "nano | 3 steps, 3.00K tokens" in out and "HellaSwag" not in out.splitlines()[-1]
+
+
+def test_missing_file_and_empty_log_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match=r"plot.py: error: no such log file: .*nope.txt"):
+        plot.main([str(tmp_path / "nope.txt"), "--out", str(tmp_path / "out")])
+    empty = write(tmp_path / "log.txt", "# config {}\n\nnot a record\n")
+    with pytest.raises(SystemExit, match="plot.py: error: no train/val/hella records in"):
+        plot.parse_log(empty)
+    assert not (tmp_path / "out").exists()  # failed before writing anything
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported at import time'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
