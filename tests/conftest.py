@@ -14,3 +14,39 @@ if (SHARED / "tiktoken").is_dir():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# A tiny GPT on a tiny vocabulary: every training test runs in seconds on a 2-core CPU.
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "128",
+        "-T", "32", "-B", "4", "--total_batch_size", "256", "--max_lr", "1e-2", "--warmup_steps", "2",
+        "--max_steps", "10", "--eval_every", "5", "--val_tokens", "256", "--hellaswag_every", "0",
+        "--sample_every", "0", "--checkpoint_every", "0", "--device", "cpu", "--dtype", "float32"]
+
+
+def write_shards(directory, sizes, seed=0, prefix="edufineweb"):
+    """uint16 shards as fineweb.py writes them (shard 0 val, the rest train) holding a learnable token stream:
+    a random walk over 128 ids, each step +1 or +2, so a model can get well below the uniform loss."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(sizes):
+        tokens = (np.cumsum(rng.integers(1, 3, size=n)) % 128).astype(np.uint16)
+        np.save(directory / f"{prefix}_{'val' if i == 0 else 'train'}_{i:06d}.npy", tokens)
+    return directory
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_shards(tmp_path / "shards", [4000, 6000, 5000])
+
+
+def read_log(path):
+    """{(step, kind): value} of a log.txt, the later line winning as DESIGN.md says readers do."""
+    records = {}
+    for line in open(path):
+        if not line.startswith("#"):
+            step, kind, value = line.split()
+            records[int(step), kind] = value
+    return records

@@ -1,0 +1,218 @@
+"""Training end to end: loader order and memory, LR schedule, the loop, DDP equivalence, bad input."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2
+from conftest import TINY, read_log, write_shards
+from train_gpt2 import ShardedLoader, get_lr
+
+ROOT = Path(train_gpt2.__file__).parent
+
+
+# -- the loader ---------------------------------------------------------------------------------------------
+
+def test_one_epoch_serves_every_window_once_across_ranks(tmp_path):
+    data = write_shards(tmp_path / "d", [500, 3300, 2600])  # windows of T+1 = 33 tokens: 103 + 81 per epoch
+    T, B, W = 32, 4, 2
+    loaders = [ShardedLoader(data, B, T, "train", rank=r, world_size=W, seed=5) for r in range(W)]
+    expected = sorted(tuple(np.load(p)[i * T: i * T + T + 1].tolist()) for p in sorted(data.glob("*train*"))
+                      for i in range((len(np.load(p)) - 1) // T))
+    assert loaders[0].epoch_windows == len(expected) == 184
+    served = {r: [] for r in range(W)}
+    for _ in range(184 // (B * W)):  # 23 micro-batches per rank = every window of the epoch
+        for r, loader in enumerate(loaders):
+            x, y = loader.next_batch()
+            assert x.dtype == torch.int64 and x.shape == y.shape == (B, T) and torch.equal(x[:, 1:], y[:, :-1])
+            served[r] += [tuple(row.tolist()) + (int(last),) for row, last in zip(x, y[:, -1])]
+    assert not set(served[0]) & set(served[1])  # no overlap between ranks
+    assert sorted(served[0] + served[1]) == expected  # each window exactly once
+
+
+def test_order_is_seeded_shuffled_and_new_each_epoch(shards):
+    def first_epoch(seed, epochs=2):
+        loader = ShardedLoader(shards, 4, 32, "train", seed=seed)
+        n = loader.epoch_windows  # 343 windows: batches run across the epoch boundary
+        rows = torch.cat([loader.next_batch()[0] for _ in range(epochs * n // 4)])
+        return rows[:n], rows[n:2 * n - 4]
+
+    a1, a2 = first_epoch(1)
+    b1, _ = first_epoch(1)
+    c1, _ = first_epoch(2)
+    assert torch.equal(a1, b1)  # same seed, same order
+    assert not torch.equal(a1, c1)  # another seed, another order
+    assert not torch.equal(a1[:len(a2)], a2)  # the second epoch is reshuffled...
+    assert set(map(tuple, a2.tolist())) <= set(map(tuple, a1.tolist()))  # ...over the same windows
+
+
+def test_world_size_does_not_change_the_global_order(shards):
+    one = ShardedLoader(shards, 4, 32, "train", seed=3)
+    two = [ShardedLoader(shards, 4, 32, "train", rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(10):  # 1 process with accumulation 2 == 2 ranks with accumulation 1
+        for r in range(2):
+            assert torch.equal(one.next_batch()[0], two[r].next_batch()[0])
+
+
+def test_val_is_read_in_order_and_reset(shards):
+    loader = ShardedLoader(shards, 2, 32, "val", seed=9)
+    tokens = np.load(shards / "edufineweb_val_000000.npy").astype(np.int64)
+    x, _ = loader.next_batch()
+    assert torch.equal(x, torch.from_numpy(np.stack([tokens[:32], tokens[32:64]])))
+    loader.next_batch()
+    loader.reset()
+    assert torch.equal(loader.next_batch()[0], x)
+
+
+def test_state_dict_resumes_the_exact_position_on_another_world_size(shards):
+    two = [ShardedLoader(shards, 4, 32, "train", rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(7):
+        for loader in two:
+            loader.next_batch()
+    state = two[0].state_dict()
+    assert state == two[1].state_dict()  # a global position: the same on every rank
+    one = ShardedLoader(shards, 4, 32, "train", seed=3)
+    one.load_state_dict(state)
+    for _ in range(5):
+        for loader in two:
+            assert torch.equal(one.next_batch()[0], loader.next_batch()[0])
+
+
+def test_text_file_source_is_tokenized_and_split_90_10(tmp_path):
+    text = "Le Misanthrope, comédie. " * 200
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    tokens = [50256] + train_gpt2.get_tokenizer().encode_ordinary(text)
+    cut = int(0.9 * len(tokens))
+    train, val = ShardedLoader(path, 1, 16, "train"), ShardedLoader(path, 1, 16, "val")
+    assert train.epoch_windows == (cut - 1) // 16 and val.epoch_windows == (len(tokens) - cut - 1) // 16
+    x, y = val.next_batch()
+    assert x[0].tolist() == tokens[cut:cut + 16] and y[0].tolist() == tokens[cut + 1:cut + 17]
+
+
+def test_shards_are_memory_mapped(shards):
+    loader = ShardedLoader(shards, 4, 32, "train")
+    assert all(isinstance(a, np.memmap) for a in loader.arrays)
+
+
+@pytest.mark.slow
+def test_anonymous_memory_stays_flat_while_reading_two_large_shards(tmp_path):
+    """Reading every window of two 20M-token shards adds far less than 64 MiB of anonymous memory."""
+    data = tmp_path / "big"
+    data.mkdir()
+    for i in range(3):
+        np.save(data / f"big_{'val' if i == 0 else 'train'}_{i:06d}.npy",
+                np.zeros(1000 if i == 0 else 20_000_000, np.uint16))
+    code = f"""
+import train_gpt2
+def anon_kb():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1])
+loader = train_gpt2.ShardedLoader({str(data)!r}, 64, 1024, 'train')
+loader.next_batch()
+start = anon_kb()
+for _ in range(loader.epoch_windows // 64):
+    loader.next_batch()
+print(anon_kb() - start)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 64 * 1024
+
+
+# -- the schedule --------------------------------------------------------------------------------------------
+
+def test_get_lr_warmup_cosine_and_floor():
+    lr = lambda step: get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=100)  # noqa: E731
+    assert lr(0) == pytest.approx(6e-4 / 10)
+    assert lr(9) == pytest.approx(6e-4)  # the end of warmup
+    assert lr(10) == pytest.approx(6e-4)  # the top of the cosine
+    assert lr(55) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway down
+    assert lr(100) == pytest.approx(6e-5) and lr(500) == pytest.approx(6e-5)
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+def test_smoke_30_steps_loss_falls(shards, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), "--max_steps", "30",
+                            "--eval_every", "30", "--warmup_steps", "5"])
+    log = read_log(log_dir / "log.txt")
+    losses = [float(log[s, "train"]) for s in range(30)]
+    assert losses[0] > 4.5  # about ln(128) = 4.85 at the start
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+    assert float(log[30, "val"]) < 0.6 * float(log[0, "val"])
+    header = open(log_dir / "log.txt").read().splitlines()[:2]
+    assert header[0].startswith("# run") and "torch" in header[0] and header[1].startswith("# config {")
+    out = capsys.readouterr().out
+    assert "step    29 | loss" in out and "tok/sec" in out
+
+
+def test_log_has_a_line_per_step_and_evals_after_the_last(shards, tmp_path):
+    log_dir = tmp_path / "log"
+    train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), "--max_steps", "7",
+                            "--eval_every", "3"])
+    assert sorted(read_log(log_dir / "log.txt")) == sorted(
+        [(s, "train") for s in range(7)] + [(s, "val") for s in (0, 3, 6, 7)])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process_with_twice_the_accumulation(shards, tmp_path):
+    args = TINY + ["--data", str(shards), "--max_steps", "6", "--eval_every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "ddp")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    train_gpt2.main(args + ["--log_dir", str(tmp_path / "single")])
+    ddp, single = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
+    assert sorted(ddp) == sorted(single)
+    for key in single:
+        assert abs(float(ddp[key]) - float(single[key])) <= 1e-4, key
+    assert "x 2" in open(tmp_path / "ddp" / "log.txt").readline()  # the header names the world size
+
+
+# -- bad input: one line on stderr, no traceback, nothing written --------------------------------------------
+
+def run_cli(args, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "log")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert not (tmp_path / "log").exists()
+    return out.stderr.strip()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing dir", "not found.*python fineweb.py"),
+    ("empty dir", "no train shards.*python fineweb.py"),
+    ("int32 shard", "expected a 1-D uint16 token array, found int32"),
+    ("indivisible batch", r"--total_batch_size 1000 is not divisible by B\*T\*world_size = 4\*32\*1 = 128"),
+    ("T > block_size", "-T 64 is longer than the model's block_size 32"),
+    ("unknown preset", "invalid choice: 'gpt5'"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, case, expected):
+    data = write_shards(tmp_path / "shards", [1000, 1000])
+    args = TINY + ["--data", str(data)]
+    if case == "missing dir":
+        args[-1] = str(tmp_path / "nowhere")
+    elif case == "empty dir":
+        (tmp_path / "empty").mkdir()
+        args[-1] = str(tmp_path / "empty")
+    elif case == "int32 shard":
+        np.save(data / "edufineweb_train_000001.npy", np.arange(1000, dtype=np.int32))
+    elif case == "indivisible batch":
+        args += ["--total_batch_size", "1000"]
+    elif case == "T > block_size":
+        args += ["-T", "64"]
+    elif case == "unknown preset":
+        args += ["--preset", "gpt5"]
+    lines = run_cli(args, tmp_path).splitlines()
+    assert lines[-1].startswith("train_gpt2.py: error:") and re.search(expected, lines[-1]), lines
+    assert len(lines) == 1 or lines[0].startswith("usage:")  # argparse's errors come after its usage line
+
+
+def test_indivisible_batch_names_the_valid_micro_batch_sizes(tmp_path):
+    message = run_cli(TINY + ["--data", str(tmp_path), "--total_batch_size", "384", "-B", "5"], tmp_path)
+    assert "valid -B values: [1, 2, 3, 4, 6, 12]" in message
