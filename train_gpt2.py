@@ -585,7 +585,7 @@ def save_checkpoint(log_dir, step, raw_model, optimizer, train_loader, val_loss,
             "config": dataclasses.asdict(raw_model.config), "step": step, "val_loss": val_loss,
             "optimizer": optimizer.state_dict(), "loaders": [r["loader"] for r in ranks],
             "rng": [r["rng"] for r in ranks], "args": dataclasses.asdict(cfg),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_commit(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_commit(), "torch": str(torch.__version__),
         }
         try:
             write_atomically(checkpoint, path)

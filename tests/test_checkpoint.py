@@ -1,0 +1,163 @@
+"""Checkpoints: exact resume (also across world sizes), torn writes, SIGTERM, refusals, disk full, NaN."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_gpt2
+from conftest import TINY, read_log
+from train_gpt2 import GPT, ShardedLoader
+
+ROOT = train_gpt2.HERE
+
+
+def run(shards, log_dir, *extra):
+    train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), *extra])
+    return read_log(log_dir / "log.txt")
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(shards, tmp_path):
+    straight = run(shards, tmp_path / "a", "--max_steps", "10", "--eval_every", "2")
+    run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "4")
+    # throw away everything after step 4's checkpoint, as if the machine had died at step 6
+    for name in ("model_00008.pt", "model_00010.pt"):
+        (tmp_path / "b" / name).unlink()
+    resumed = run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--resume")
+    assert straight == resumed  # every train and val value, to the logged digit
+    assert "# resume" in (tmp_path / "b" / "log.txt").read_text()  # appended, not wiped
+
+
+def test_checkpoint_contents_and_pruning(shards, tmp_path):
+    run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "2", "--keep_checkpoints", "2")
+    assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_00008.pt", "model_00010.pt"]
+    ckpt = torch.load(tmp_path / "model_00010.pt", weights_only=True)
+    assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 2 and ckpt["args"]["max_steps"] == 10
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert {"optimizer", "loaders", "rng", "val_loss", "date", "git", "torch"} <= set(ckpt)
+    assert ckpt["loaders"][0]["position"] == 10 * 2 * 4  # 10 steps x 2 micro-batches x B=4 windows
+    assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch"}
+
+
+def test_from_checkpoint_gives_the_trained_model(shards, tmp_path):
+    log = run(shards, tmp_path, "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6")
+    model = GPT.from_checkpoint(tmp_path / "model_00006.pt").eval()
+    val = ShardedLoader(shards, 4, 32, "val")
+    with torch.no_grad():
+        losses = [model(*val.next_batch())[1].item() for _ in range(2)]  # --val_tokens 256 = 2 batches
+    assert f"{sum(losses) / 2:.4f}" == log[6, "val"]
+    assert float(log[6, "val"]) < float(log[0, "val"])  # it is the trained model, not a fresh one
+
+
+def test_torn_write_is_never_taken_for_a_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    real_replace = os.replace
+
+    def die_at_step_8(src, dst):  # the process "dies" between writing model_00008.pt.tmp and renaming it
+        if str(dst).endswith("model_00008.pt"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_gpt2.os, "replace", die_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4")
+    monkeypatch.undo()
+    assert (tmp_path / "model_00008.pt.tmp").exists() and (tmp_path / "model_00004.pt").exists()
+    (tmp_path / "model_00009.pt").write_bytes(b"half a checkpoint")  # and a truncated file under a real name
+    log = run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4", "--resume")
+    out = capsys.readouterr().out
+    assert "skipping" in out and "resumed from" in out and "model_00004.pt at step 4" in out
+    assert (10, "val") in log
+
+
+def test_resume_refuses_flags_that_change_the_math(shards, tmp_path, capsys):
+    run(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "4")
+    with pytest.raises(SystemExit):
+        run(shards, tmp_path, "--max_steps", "8", "--resume", "--n_embd", "64", "--seed", "7")
+    err = capsys.readouterr().err
+    assert "--n_embd 32 -> 64" in err and "--seed 1337 -> 7" in err and "Traceback" not in err
+    run(shards, tmp_path, "--max_steps", "8", "--resume")  # a longer run is fine, and said
+    assert "resuming with changed --max_steps 4 -> 8" in capsys.readouterr().out
+
+
+def test_resume_without_checkpoints_and_fresh_run_over_checkpoints_are_clear_errors(shards, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(shards, tmp_path / "empty", "--resume")
+    assert "no checkpoint (model_NNNNN.pt) in" in capsys.readouterr().err
+    run(shards, tmp_path / "done", "--max_steps", "2", "--checkpoint_every", "2")
+    with pytest.raises(SystemExit):  # a fresh run would mix its checkpoints with the earlier run's
+        run(shards, tmp_path / "done", "--max_steps", "2")
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+
+
+def test_full_disk_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def fill_disk(obj, f):
+        if f.name.endswith("model_00008.pt.tmp"):
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(train_gpt2.torch, "save", fill_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4")
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "No space left on device" in err and "--resume" in err
+    assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_00004.pt"]  # no torn file either
+    assert GPT.from_checkpoint(tmp_path / "model_00004.pt") is not None
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(shards, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(shards, tmp_path, "--max_steps", "40", "--checkpoint_every", "1", "--max_lr", "1e6",
+            "--warmup_steps", "1", "--grad_clip", "0", "--eval_every", "0")
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    step = int(err.split(" at step ")[1].split(":")[0])
+    assert "the loss is nan" in err or "the loss is inf" in err
+    kept = sorted(int(p.stem.split("_")[1]) for p in tmp_path.glob("model_*.pt"))
+    assert kept and kept[-1] == step  # the last good state: after `step` updates, none after the bad one
+    assert torch.isfinite(GPT.from_checkpoint(tmp_path / f"model_{step:05d}.pt").lm_head.weight).all()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_resume_finishes_identically(shards, tmp_path):
+    args = [sys.executable, str(ROOT / "train_gpt2.py"), *TINY, "--data", str(shards), "--max_steps", "400",
+            "--eval_every", "100"]
+    proc = subprocess.Popen(args + ["--log_dir", str(tmp_path / "b")], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step    20 | loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped by SIGTERM" in out and "--resume" in out
+    saved = list((tmp_path / "b").glob("model_*.pt"))
+    assert len(saved) == 1 and 20 < int(saved[0].stem.split("_")[1]) < 400
+    subprocess.run(args + ["--log_dir", str(tmp_path / "b"), "--resume"], check=True, capture_output=True)
+    straight = run(shards, tmp_path / "a", "--max_steps", "400", "--eval_every", "100")
+    assert read_log(tmp_path / "b" / "log.txt") == straight
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_on_one_with_twice_the_accumulation(shards, tmp_path):
+    """A run on 2 ranks loses one after step 4's checkpoint and carries on alone: same data, same losses."""
+    args = TINY + ["--data", str(shards), "--max_steps", "8", "--eval_every", "2", "--checkpoint_every", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "b")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    ckpt = torch.load(tmp_path / "b" / "model_00004.pt", weights_only=True)
+    assert len(ckpt["loaders"]) == 2 and len(ckpt["rng"]) == 2  # every rank's state
+    (tmp_path / "b" / "model_00008.pt").unlink()
+    train_gpt2.main(args + ["--log_dir", str(tmp_path / "b"), "--resume"])  # 1 process, accumulation 2
+    straight = run(shards, tmp_path / "a", "--max_steps", "8", "--eval_every", "2")
+    resumed = read_log(tmp_path / "b" / "log.txt")  # steps 4-8 of the 2-rank run are overwritten (later wins)
+    assert sorted(resumed) == sorted(straight)
+    for key in straight:  # same data order; the sums differ only in float rounding
+        assert abs(float(resumed[key]) - float(straight[key])) <= 1e-4, key
+    assert "# resume" in (tmp_path / "b" / "log.txt").read_text()
