@@ -350,34 +350,30 @@ class ShardedLoader:
         self.arrays = load_token_arrays(source, split, T)
         self.windows = np.array([(len(a) - 1) // T for a in self.arrays])  # windows per shard
         self.epoch_windows = int(self.windows.sum())
-        self.cache = {}  # the current epoch's shard order and one shard's window order, computed when needed
+        self.epoch, self.shard_window_order = None, (None, None)  # computed when first needed
         self.reset()
 
     def reset(self):
         self.position = self.rank * self.B  # window index (in the endless stream) of our next micro-batch
 
-    def cached(self, key, compute):
-        if key not in self.cache:
-            self.cache = {k: v for k, v in self.cache.items() if k[0] != key[0]}  # keep one of each kind
-            self.cache[key] = compute()
-        return self.cache[key]
-
     def permutation(self, n, *seeds):
         # val is read in order (its loss always measures the same tokens); train is shuffled by seed and epoch
         if self.split == "val":
             return np.arange(n)
-        return np.random.default_rng([self.seed, *seeds]).permutation(n).astype(np.int32)
+        return np.random.default_rng([self.seed, *seeds]).permutation(n)
 
     def window(self, k):
         """Tokens of window k of the endless stream, widened to int64 (only these T+1 tokens)."""
         epoch, k = divmod(k, self.epoch_windows)
-        shards = self.cached(("shards", epoch), lambda: self.permutation(len(self.arrays), epoch))
-        ends = np.cumsum(self.windows[shards])  # where each shard's windows end in this epoch's stream
-        j = int(np.searchsorted(ends, k, side="right"))  # the j-th shard of the epoch holds window k
-        shard, k = shards[j], k - (ends[j] - self.windows[shards[j]])
-        # a shard's windows are permuted separately (seed, epoch, shard): a few MB, never the whole dataset
-        order = self.cached(("windows", epoch, shard), lambda: self.permutation(self.windows[shard], epoch, shard))
-        i = int(order[k]) * self.T
+        if epoch != self.epoch:  # a new epoch: a new shard order, and where each shard starts in the stream
+            self.epoch, self.shard_order = epoch, self.permutation(len(self.arrays), epoch)
+            self.shard_starts = np.cumsum(self.windows[self.shard_order]) - self.windows[self.shard_order]
+        j = int(np.searchsorted(self.shard_starts, k, side="right")) - 1  # the j-th shard of the epoch has k
+        shard = self.shard_order[j]
+        # each shard's windows are permuted on their own: memory for one shard's order, not the dataset's
+        if self.shard_window_order[0] != (epoch, shard):
+            self.shard_window_order = (epoch, shard), self.permutation(self.windows[shard], epoch, shard)
+        i = int(self.shard_window_order[1][k - self.shard_starts[j]]) * self.T
         return torch.from_numpy(self.arrays[shard][i: i + self.T + 1].astype(np.int64))
 
     def next_batch(self):
