@@ -224,45 +224,52 @@ class GPT(nn.Module):
 
 
 class VocabCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, without storing the logits.
+    """Mean cross-entropy of the logits x @ weight.T against targets, for eager mode (CPU above all).
 
-    The vocabulary projection and its softmax are most of a small GPT's work: (B*T, 50304) logits are
-    412 MB in float32 at B*T = 2048, written and read again by every step of the usual
-    logits -> float32 -> log_softmax -> nll -> backward chain. Here rows go through in chunks, and since
-    the loss is the last thing computed, each chunk's gradient is worked out at once:
-    d loss / d logits = (softmax(logits) - onehot(target)) / N. Backward then only scales the gradients
-    kept from forward. The matmuls are the same three (logits, d x, d weight) as usual.
+    The vocabulary projection and its softmax are most of a small GPT's work. The usual chain (bf16 logits,
+    upcast to float32, log_softmax, nll, and the same again backwards) writes and reads several (N, vocab)
+    float32 tensors: 412 MB each at N = B*T = 2048, and on a CPU memory traffic and page faults, not FLOPs,
+    then set the pace. Here the logits of `chunk_rows` rows at a time become probabilities in place, in the
+    compute dtype (bf16 under autocast: as precise as the bf16 logits they come from; the softmax itself
+    sums in float32). Since the loss is the last thing computed, the gradient is formed at once:
+    d loss / d logits = (softmax - onehot(target)) / N. Backward only scales what forward kept.
     """
 
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, chunk_rows, need_grad):
-        N = x.size(0)
-        xc, wc = x.to(dtype), weight.to(dtype)  # bf16 under autocast, else float32
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        N, V = x.size(0), weight.size(0)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        # the probabilities of all N rows when training (they become the logits' gradient), else of one chunk
+        probs = torch.empty(N if need_grad else min(N, chunk_rows), V, dtype=dtype, device=x.device)
         dx = torch.empty_like(xc) if need_grad else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
             rows, tgt = xc[start:start + chunk_rows], targets[start:start + chunk_rows, None]
-            # log-probabilities in float32, read straight from the bf16 logits in one pass
-            logp = torch.log_softmax(rows @ wc.t(), dim=1, dtype=torch.float32)  # (rows, vocab)
-            loss -= logp.gather(1, tgt).sum()
+            p = probs[start:start + len(rows)] if need_grad else probs[:len(rows)]
+            torch.mm(rows, wc.t(), out=p)  # logits (rows, V)
+            p.copy_(torch.softmax(p, dim=1))
+            p_target = p.gather(1, tgt).float()
+            loss -= p_target.clamp_min(1e-38).log().sum()  # clamp: a p that underflowed to 0 costs 87, not inf
             if need_grad:
-                grad = logp.exp_().scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=x.device)).to(dtype)
-                torch.mm(grad, wc, out=dx[start:start + chunk_rows])  # the 1/N is applied in backward
-                dw += grad.t() @ rows
-        ctx.save_for_backward(dx, dw)
-        ctx.x_dtype = x.dtype
+                p.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
+                torch.mm(p, wc, out=dx[start:start + len(rows)])
+        if need_grad:
+            ctx.save_for_backward(dx, (probs.t() @ xc).float())  # d weight in one large matmul
+            ctx.x_dtype = x.dtype
         return loss / N
 
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
-        scale = grad_loss / dx.size(0)
+        scale = grad_loss / dx.size(0)  # the 1/N of the mean, and whatever scaled the loss (accumulation)
         return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None
 
 
-def vocab_cross_entropy(x, weight, targets, chunk_rows=256):
+def vocab_cross_entropy(x, weight, targets, chunk_rows=128):
     """Loss of the lm_head on (N, C) hidden states x; follows autocast's dtype like an nn.Linear would."""
+    if torch.compiler.is_compiling():
+        # torch.compile fuses the plain computation well (and would trace the chunks one by one)
+        return F.cross_entropy(F.linear(x, weight), targets)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     with torch.autocast(device_type, enabled=False):  # dtypes are chosen explicitly inside
@@ -739,13 +746,18 @@ def resolve_path(path):
     return path if path.is_absolute() or path.exists() else HERE / path
 
 
-def has_native_bf16():
-    """CPUs with AVX-512 BF16 or AMX do bf16 matmuls natively (1.3x faster); elsewhere bf16 is emulated."""
+def resolve_dtype(requested, dist):
+    """--dtype auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16 or AMX (native bf16 matmuls, 1.3x faster
+    than float32); float32 elsewhere (MPS, older CPUs), where bf16 is emulated and slow."""
+    if requested != "auto":
+        return requested
+    if dist.device_type == "cuda":
+        return "bfloat16"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text() if dist.device_type == "cpu" else ""
     except OSError:  # not Linux
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        flags = ""
+    return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"
 
 
 def model_config(cfg):
@@ -931,8 +943,7 @@ def due(every, step, last_step):
 
 def train(cfg, dist):
     validate(cfg, dist)
-    auto_bf16 = dist.device_type == "cuda" or (dist.device_type == "cpu" and has_native_bf16())
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if auto_bf16 else "float32")
+    dtype = resolve_dtype(cfg.dtype, dist)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and dist.device_type == "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
     log_dir, say = Path(cfg.log_dir), print if dist.is_master else (lambda *args: None)
