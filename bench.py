@@ -130,16 +130,78 @@ def bench_loader(args):
 
 
 # -----------------------------------------------------------------------------
+# HellaSwag
+
+def moliere_paragraphs():
+    path = train_gpt2.resolve_path("input/moliere.txt")
+    if not path.exists():
+        train_gpt2.download_moliere(path)
+    return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def synthetic_examples(n):
+    """HellaSwag-shaped examples cut from Moliere (contexts of 20-60 tokens, endings of 10-30), for offline use."""
+    words = " ".join(moliere_paragraphs()).split()
+    rng = np.random.default_rng(0)
+
+    def phrase(lo, hi):
+        start = int(rng.integers(0, len(words) - hi))
+        return " ".join(words[start:start + int(rng.integers(lo, hi))])
+
+    return [{"ctx": phrase(15, 45), "endings": [phrase(7, 22) for _ in range(4)], "label": int(rng.integers(4))}
+            for _ in range(n)]
+
+
+@torch.no_grad()
+def one_example_per_forward(model, rendered, device):
+    """build-nanogpt's loop: the 4 rows of one example per forward pass, full logits, masked losses."""
+    correct = 0
+    for _, tokens, mask, label in rendered:
+        tokens, mask = tokens.to(device), mask.to(device)
+        logits = model(tokens)[0]
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        losses = losses.view(4, -1) * mask[:, 1:]
+        correct += int((losses.sum(1) / mask[:, 1:].sum(1)).argmin() == label)
+    return correct
+
+
+def bench_hellaswag(args, dist):
+    import hellaswag
+
+    real = hellaswag.DATA_DIR / "hellaswag_val.jsonl"
+    examples = list(hellaswag.iterate_examples("val"))[:args.examples] if real.exists() else \
+        synthetic_examples(args.examples)
+    rendered = [hellaswag.render_example(e) for e in examples]
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd)
+    model = GPT(config).to(dist.device).eval()
+    rows = []
+    for method in ("one example per forward", "hellaswag.evaluate"):
+        t0 = time.perf_counter()
+        with train_gpt2.autocast(dist, "bfloat16" if dist.device_type == "cuda" else "float32"):
+            if method == "hellaswag.evaluate":
+                correct = hellaswag.evaluate(model, rendered, dist.device)["correct_norm"]
+            else:
+                correct = one_example_per_forward(model, rendered, dist.device)
+        dist.synchronize()
+        seconds = time.perf_counter() - t0
+        rows.append({"section": "hellaswag", "method": method, "examples": len(rendered),
+                     "data": "val" if real.exists() else "synthetic", "params_M": round(
+                         sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                     "examples_per_s": round(len(rendered) / seconds, 1), "correct_norm": correct})
+        print(rows[-1])
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Tokenization
 
 def bench_tokenize(args):
     """fineweb.py on ~args.tokenize_mb MB of jsonl made from Moliere's paragraphs (French; English is ~10% faster)."""
     import fineweb
 
-    text = train_gpt2.resolve_path("input/moliere.txt")
-    if not text.exists():
-        train_gpt2.download_moliere(text)
-    paragraphs = [p for p in text.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    paragraphs = moliere_paragraphs()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "docs.jsonl"

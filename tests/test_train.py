@@ -216,3 +216,24 @@ def test_bad_input_is_a_one_line_error(tmp_path, case, expected):
 def test_indivisible_batch_names_the_valid_micro_batch_sizes(tmp_path):
     message = run_cli(TINY + ["--data", str(tmp_path), "--total_batch_size", "384", "-B", "5"], tmp_path)
     assert "valid -B values: [1, 2, 3, 4, 6, 12]" in message
+
+
+@pytest.mark.slow
+def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
+    """Each rank scores a share; the summed counts give the acc_norm of scoring everything in one process."""
+    import hellaswag
+    from test_hellaswag import make_examples, write_jsonl
+
+    data_file = write_jsonl(tmp_path / "hella.jsonl", make_examples(n=14, seed=3))
+    args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--max_steps", "2", "--eval_every", "0",
+                   "--hellaswag_every", "2", "--hellaswag_data", str(data_file), "--checkpoint_every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "ddp")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    train_gpt2.main(args + ["--log_dir", str(tmp_path / "single")])
+    ddp, single = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
+    assert ddp[0, "hella"] == single[0, "hella"] and ddp[2, "hella"] == single[2, "hella"]
+    model = train_gpt2.GPT.from_checkpoint(tmp_path / "single" / "model_00002.pt")
+    result = hellaswag.evaluate(model, list(hellaswag.iterate_examples("val", data_file)), "cpu")
+    assert single[2, "hella"] == f"{result['acc_norm']:.4f}" and result["n"] == 14
