@@ -817,7 +817,7 @@ def prepare_data(cfg, dist):
     return data
 
 
-def load_hellaswag(cfg, dist):
+def load_hellaswag(cfg, dist, block_size):
     """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
     import hellaswag
 
@@ -831,9 +831,14 @@ def load_hellaswag(cfg, dist):
         if dist.world_size > 1:
             torch.distributed.barrier()
     try:
-        return [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
+        examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
     except (OSError, ValueError) as e:
         raise UserError(f"HellaSwag data: {e}") from None
+    longest = max(tokens.size(1) for _, tokens, _, _ in examples)
+    if longest > block_size:
+        raise UserError(f"HellaSwag examples are up to {longest} tokens, more than the model's block_size "
+                        f"{block_size}: use --hellaswag_every 0")
+    return examples
 
 
 def create_model(cfg, checkpoint):
@@ -966,10 +971,12 @@ def train(cfg, dist):
     train_loader = ShardedLoader(data, B, T, "train", dist.rank, dist.world_size, cfg.seed)
     val_loader = ShardedLoader(data, B, T, "val", dist.rank, dist.world_size)
     val_steps = max(1, cfg.val_tokens // (B * T * dist.world_size))  # the same val tokens for any world size
-    hella_examples = load_hellaswag(cfg, dist) if cfg.hellaswag_every > 0 and cfg.sample is None else None
 
     # model and optimizer, fresh or as the checkpoint left them
     raw_model = create_model(cfg, checkpoint).to(dist.device)
+    hella_examples = None
+    if cfg.hellaswag_every > 0 and cfg.sample is None:
+        hella_examples = load_hellaswag(cfg, dist, raw_model.config.block_size)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, dist.device_type)
     start_step, val_loss = 0, None
     if checkpoint is not None:

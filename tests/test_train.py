@@ -225,7 +225,8 @@ def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
     from test_hellaswag import make_examples, write_jsonl
 
     data_file = write_jsonl(tmp_path / "hella.jsonl", make_examples(n=14, seed=3))
-    args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--max_steps", "2", "--eval_every", "0",
+    args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--block_size", "128", "--max_steps", "2",
+                   "--eval_every", "0",
                    "--hellaswag_every", "2", "--hellaswag_data", str(data_file), "--checkpoint_every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -237,3 +238,53 @@ def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
     model = train_gpt2.GPT.from_checkpoint(tmp_path / "single" / "model_00002.pt")
     result = hellaswag.evaluate(model, list(hellaswag.iterate_examples("val", data_file)), "cpu")
     assert single[2, "hella"] == f"{result['acc_norm']:.4f}" and result["n"] == 14
+
+
+# -- the quick start's corpus and starting from Hugging Face weights ------------------------------------------
+
+SHARED_MOLIERE = ROOT.parent / "shared" / "data" / "moliere.txt"
+
+
+def test_moliere_download_checks_the_sha256_and_leaves_nothing_on_failure(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not Moliere")
+    target = tmp_path / "input" / "moliere.txt"
+    with pytest.raises(train_gpt2.UserError, match="sha256.*curl -L"):
+        train_gpt2.download_moliere(target, url=bad.as_uri())
+    with pytest.raises(train_gpt2.UserError, match="could not download"):
+        train_gpt2.download_moliere(target, url=(tmp_path / "missing.txt").as_uri())
+    assert list(target.parent.iterdir()) == []  # no partial or unverified file
+    if SHARED_MOLIERE.exists():  # the real corpus, served from the workplace's copy instead of GitHub
+        train_gpt2.download_moliere(target, url=SHARED_MOLIERE.as_uri())
+        assert target.read_bytes() == SHARED_MOLIERE.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_MOLIERE.exists(), reason="needs the Moliere corpus")
+def test_moliere_preset_runs_and_samples(tmp_path, capsys):
+    train_gpt2.main(["--preset", "moliere", "--data", str(SHARED_MOLIERE), "--log_dir", str(tmp_path),
+                     "--max_steps", "2", "--eval_every", "2", "--val_tokens", "4096", "--sample_every", "2"])
+    out = capsys.readouterr().out
+    assert "8,192 tokens per step = 32 x 128 x 1 ranks x 2 accumulation steps" in out
+    assert out.count("> sganarelle:") == 8  # 4 samples at step 0, 4 after the last step
+    log = read_log(tmp_path / "log.txt")
+    assert float(log[2, "val"]) < float(log[0, "val"]) and (tmp_path / "model_00002.pt").exists()
+
+
+def test_init_from_a_hugging_face_directory(shards, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "hf"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                         vocab_size=128)).save_pretrained(hf_dir)
+    assert TINY[8] == "--vocab_size"
+    base = TINY[10:]  # everything after the five shape flags
+    train_gpt2.main(base + ["--data", str(shards), "--log_dir", str(tmp_path / "log"), "--init_from", str(hf_dir),
+                            "--max_steps", "1", "--eval_every", "1"])
+    model = train_gpt2.GPT.from_pretrained(hf_dir).eval()
+    val = ShardedLoader(shards, 4, 32, "val")
+    with torch.no_grad():
+        expected = sum(model(*val.next_batch())[1].item() for _ in range(2)) / 2
+    assert read_log(tmp_path / "log" / "log.txt")[0, "val"] == f"{expected:.4f}"  # the HF weights, untrained
+    with pytest.raises(SystemExit):  # its shape is the checkpoint's: shape flags are refused
+        train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path / "x"), "--init_from", str(hf_dir)])
