@@ -337,6 +337,11 @@ def main(argv=None):
         print(f"{out} is already complete: {len(shards)} shards, {manifest['tokens']:,} tokens")
         return
     try:
+        encoder()  # here first: the pool would restart, forever, workers that cannot load it (say, offline)
+    except Exception as e:
+        fail(f"could not load GPT-2's tokenizer ({type(e).__name__}): tiktoken fetches it on first use; connect "
+             f"once, or point TIKTOKEN_CACHE_DIR at a copy of its cache")
+    try:
         # the pool starts before any input is opened: forking once `datasets` runs download threads is unsafe
         with mp.Pool(args.workers, initializer=init_worker) as pool:
             make_shards(pool, args, out, manifest)
