@@ -74,7 +74,7 @@ def bench_train(args, dist, dtype):
             forward = raw_model if loss_kind == "ours" else (lambda x, y: (None, plain_loss(raw_model, x, y)))
             forward = torch.compile(forward) if use_compile else forward
 
-            def step():
+            def step(forward=forward):
                 with train_gpt2.autocast(dist, dtype):
                     loss = forward(x, y)[1]
                 loss.backward()
@@ -207,7 +207,7 @@ def bench_tokenize(args):
         path = Path(directory) / "docs.jsonl"
         with open(path, "w", encoding="utf-8") as f:
             while f.tell() < args.tokenize_mb * 2**20:  # documents of ~35 paragraphs (~5 KB), like web pages
-                doc = "\n\n".join(rng.choice(paragraphs, 35))
+                doc = "\n\n".join(paragraphs[i] for i in rng.integers(0, len(paragraphs), 35))
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
         result = fineweb.benchmark([str(path)], workers=args.workers)
     row = {"section": "tokenize", **result}

@@ -246,7 +246,7 @@ def main(argv=None):
         examples = list(islice(iterate_examples(args.split, args.data_file), args.limit))
         model = load_model(args.model)
     except (OSError, ValueError) as e:  # download failures, bad data, unreadable models: one line, no traceback
-        raise SystemExit(f"hellaswag.py: error: {e}")
+        raise SystemExit(f"hellaswag.py: error: {e}") from None
     result = evaluate(model.to(device), examples, device, args.batch_size, progress=True)
     print(f"{args.model} hellaswag {args.split}: n {result['n']}  acc {result['acc']:.4f}  "
           f"acc_norm {result['acc_norm']:.4f}")

@@ -163,9 +163,11 @@ class GPT(nn.Module):
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         ours = model.state_dict()
+        # older transformers versions also keep causal-mask buffers (attn.bias): not weights, skipped
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        if set(ours) != set(theirs):  # (older transformers keep causal-mask buffers, skipped above)
-            raise ValueError(f"{name_or_path}: weights do not match GPT-2's layout: {sorted(set(ours) ^ set(theirs))[:5]}")
+        if set(ours) != set(theirs):
+            different = sorted(set(ours) ^ set(theirs))[:5]
+            raise ValueError(f"{name_or_path}: weights do not match GPT-2's layout: {different}")
         with torch.no_grad():
             for k, v in theirs.items():
                 ours[k].copy_(v.t() if k.endswith(cls.HF_TRANSPOSED) else v)
@@ -710,7 +712,8 @@ class TrainConfig:
     # the machine
     compile: str = knob("auto", "torch.compile the model (auto: on CUDA)", choices=("auto", "true", "false"))
     device: str = knob("auto", "auto: cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
-    dtype: str = knob("auto", "auto: bfloat16 on CUDA and CPUs with native bf16", choices=("auto", "bfloat16", "float32"))
+    dtype: str = knob("auto", "auto: bfloat16 on CUDA and CPUs with native bf16",
+                      choices=("auto", "bfloat16", "float32"))
     seed: int = knob(1337, "seeds the initialisation and the data order")
     sample: str = knob(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        metavar="PROMPT")

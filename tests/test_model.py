@@ -80,7 +80,7 @@ def test_forward_loss_and_gradients_equal_plain_cross_entropy():
         assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-7), name
 
 
-def test_parameter_count_of_gpt2_124M():
+def test_parameter_count_of_gpt2_124m():
     model = GPT(GPTConfig())
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
 
