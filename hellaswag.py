@@ -12,17 +12,17 @@ scorer during training.
 """
 
 import argparse
-import functools
 import json
 import os
 import shutil
 from itertools import islice
 from pathlib import Path
 
-import tiktoken
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
+
+from train_gpt2 import GPT, UserError, get_tokenizer, pick_device  # (importing train_gpt2 does no work)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DATA_DIR = Path(__file__).resolve().parent / "hellaswag"  # the download cache, beside this script
@@ -96,12 +96,6 @@ def iterate_examples(split, data_file=None):
             yield example
     if count == 0:
         raise ValueError(f"{path}: no examples in the file")
-
-
-@functools.cache
-def get_tokenizer():
-    """GPT-2's BPE, created on first use (not at import)."""
-    return tiktoken.get_encoding("gpt2")
 
 
 def render_example(example):
@@ -197,8 +191,6 @@ def evaluate(model, examples, device, batch_size=16, progress=False):
 def load_model(name):
     """One of our checkpoints (a file), a Hugging Face directory, or one of OpenAI's GPT-2s from the hub."""
     if Path(name).is_file():
-        from train_gpt2 import GPT, UserError  # our model class, only needed for our checkpoints
-
         try:
             return GPT.from_checkpoint(name)
         except UserError as e:  # not found, or not readable by torch.load
@@ -208,18 +200,6 @@ def load_model(name):
     from transformers import GPT2LMHeadModel  # heavy: imported only when needed
 
     return GPT2LMHeadModel.from_pretrained(name)
-
-
-def pick_device(name):
-    """auto: the fastest device here (cuda > mps > cpu); a named one must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if not available[name]:
-        raise SystemExit(f"hellaswag.py: error: --device {name} is not available on this machine")
-    return name
 
 
 def main(argv=None):
@@ -240,12 +220,11 @@ def main(argv=None):
         parser.error(f"--data_file {args.data_file}: no such file")
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         parser.error("--limit and --batch_size must be at least 1")
-    device = pick_device(args.device)
-
     try:
+        device = pick_device(args.device)
         examples = list(islice(iterate_examples(args.split, args.data_file), args.limit))
         model = load_model(args.model)
-    except (OSError, ValueError) as e:  # download failures, bad data, unreadable models: one line, no traceback
+    except (OSError, ValueError, UserError) as e:  # failed downloads, bad data, unreadable models: one line
         raise SystemExit(f"hellaswag.py: error: {e}") from None
     result = evaluate(model.to(device), examples, device, args.batch_size, progress=True)
     print(f"{args.model} hellaswag {args.split}: n {result['n']}  acc {result['acc']:.4f}  "

@@ -1,5 +1,6 @@
 """Shared test set-up: offline tokenizer files, the project root on sys.path, the `slow` marker."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,3 +51,10 @@ def read_log(path):
             step, kind, value = line.split()
             records[int(step), kind] = value
     return records
+
+
+def torchrun_cpu(args, log_dir, nproc=2):
+    """train_gpt2.py under torchrun with `nproc` CPU ranks (gloo), one thread each on this small machine."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(log_dir)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import TINY, read_log
+from conftest import TINY, read_log, torchrun_cpu
 from train_gpt2 import GPT, ShardedLoader
 
 ROOT = train_gpt2.HERE
@@ -146,10 +146,7 @@ def test_sigterm_saves_exits_0_and_resume_finishes_identically(shards, tmp_path)
 def test_two_ranks_resume_on_one_with_twice_the_accumulation(shards, tmp_path):
     """A run on 2 ranks loses one after step 4's checkpoint and carries on alone: same data, same losses."""
     args = TINY + ["--data", str(shards), "--max_steps", "8", "--eval_every", "2", "--checkpoint_every", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "b")],
-                   check=True, env=env, capture_output=True, timeout=300)
+    torchrun_cpu(args, tmp_path / "b")
     ckpt = torch.load(tmp_path / "b" / "model_00004.pt", weights_only=True)
     assert len(ckpt["loaders"]) == 2 and len(ckpt["rng"]) == 2  # every rank's state
     (tmp_path / "b" / "model_00008.pt").unlink()

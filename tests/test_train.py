@@ -1,5 +1,4 @@
 """Training end to end: loader order and memory, LR schedule, the loop, DDP equivalence, bad input."""
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import TINY, read_log, write_shards
+from conftest import TINY, read_log, torchrun_cpu, write_shards
 from train_gpt2 import ShardedLoader, get_lr
 
 ROOT = Path(train_gpt2.__file__).parent
@@ -162,10 +161,7 @@ def test_log_has_a_line_per_step_and_evals_after_the_last(shards, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process_with_twice_the_accumulation(shards, tmp_path):
     args = TINY + ["--data", str(shards), "--max_steps", "6", "--eval_every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "ddp")],
-                   check=True, env=env, capture_output=True, timeout=300)
+    torchrun_cpu(args, tmp_path / "ddp")
     train_gpt2.main(args + ["--log_dir", str(tmp_path / "single")])
     ddp, single = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
     assert sorted(ddp) == sorted(single)
@@ -228,10 +224,7 @@ def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
     args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--block_size", "128", "--max_steps", "2",
                    "--eval_every", "0",
                    "--hellaswag_every", "2", "--hellaswag_data", str(data_file), "--checkpoint_every", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "ddp")],
-                   check=True, env=env, capture_output=True, timeout=300)
+    torchrun_cpu(args, tmp_path / "ddp")
     train_gpt2.main(args + ["--log_dir", str(tmp_path / "single")])
     ddp, single = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
     assert ddp[0, "hella"] == single[0, "hella"] and ddp[2, "hella"] == single[2, "hella"]
