@@ -125,20 +125,74 @@ def render_example(example):
 # Scoring: many examples per forward pass, and the vocabulary projection only where a loss is needed.
 
 
-def final_hidden_states(model, idx):
-    """(B, T) ids -> (B, T, n_embd) after the last LayerNorm, for our GPT or transformers' GPT2LMHeadModel."""
-    if hasattr(model, "hidden_states"):  # train_gpt2.GPT
-        return model.hidden_states(idx)
-    return model.transformer(idx, use_cache=False).last_hidden_state
+def pack_example(data):
+    """One row per example for our GPT: the context once, then each distinct ending, with positions and segment
+    ids such that every ending sees the context and itself only. The 4 padded rows of build-nanogpt's layout
+    repeat the context 4 times; here it is computed once (the context is most of an example's tokens).
+
+    Returns tokens, pos, seg (0 = context, k = k-th distinct ending), and for every scored token: the row index
+    of the position that predicts it, its id, and the distinct ending it belongs to; plus, for each of the 4
+    endings, which distinct ending it is (equal endings are scored once: their tie is exact).
+    """
+    ctx, endings = data["ctx_tokens"], data["ending_tokens"]
+    distinct = list(dict.fromkeys(map(tuple, endings)))
+    tokens, pos, seg = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    where, targets, owner = [], [], []
+    for k, ending in enumerate(distinct):
+        start = len(tokens)
+        tokens += ending
+        pos += range(len(ctx), len(ctx) + len(ending))
+        seg += [k + 1] * len(ending)
+        for j, token in enumerate(ending):
+            predictor = start + j - 1 if j > 0 else len(ctx) - 1  # the first token follows the context's last
+            if predictor >= 0:
+                where.append(predictor)
+                targets.append(token)
+                owner.append(k)
+    slot = [distinct.index(tuple(ending)) for ending in endings]
+    return tokens, pos, seg, where, targets, owner, slot
+
+
+def score_packed(model, batch, device):
+    """score_batch for our GPT: one packed row per example (pack_example), right-padded to the longest."""
+    packed = [pack_example(data) for data, _, _, _ in batch]
+    L = max(len(p[0]) for p in packed)
+    B = len(batch)
+    tokens = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    seg = -1 - torch.arange(L).repeat(B, 1)  # padding: a segment of its own, so no row is fully masked
+    where, targets, owner = [], [], []
+    for b, (t, p, s, w, y, o, _) in enumerate(packed):
+        tokens[b, :len(t)], pos[b, :len(p)], seg[b, :len(s)] = torch.tensor(t), torch.tensor(p), torch.tensor(s)
+        where += [b * L + i for i in w]
+        targets += y
+        owner += [b * 4 + k for k in o]  # at most 4 distinct endings per example
+    # token q may attend to token k if k comes first (causal) and k is context or in q's own segment
+    causal = torch.ones((L, L), dtype=torch.bool).tril()
+    attn_mask = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # (B, L, L)
+    tokens, pos, attn_mask = tokens.to(device), pos.to(device), attn_mask[:, None].to(device)
+    device_type = torch.device(device).type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        h = model.hidden_states(tokens, pos, attn_mask).flatten(0, 1)[torch.tensor(where, device=device)]
+        logits = model.lm_head(h)  # (N, vocab_size): only at the N positions that predict an ending token
+    losses = F.cross_entropy(logits.float(), torch.tensor(targets, device=device), reduction="none")
+    owner = torch.tensor(owner, device=device)
+    sums = torch.zeros(B * 4, device=device).index_add_(0, owner, losses)
+    counts = torch.zeros(B * 4, device=device).index_add_(0, owner, torch.ones_like(losses))
+    slots = torch.tensor([[b * 4 + k for k in p[6]] for b, p in enumerate(packed)], device=device)  # (B, 4)
+    return sums[slots], counts[slots]
 
 
 def score_batch(model, batch, device):
     """Rendered examples -> (summed loss, number of ending tokens), both (len(batch), 4).
 
-    All 4 * len(batch) rows go through the transformer together, right-padded to the longest: attention is
-    causal, so the padding never changes the positions before it. The lm_head (n_embd x 50257, most of a small
-    model's work) then runs only at the positions that predict an ending token, about a third of them.
+    Our GPT takes one packed row per example (score_packed). A transformers model takes build-nanogpt's 4 rows
+    per example, right-padded to the longest: attention is causal, so the padding never changes the positions
+    before it. Either way the lm_head (n_embd x 50257, most of a small model's work) runs only at the positions
+    that predict an ending token.
     """
+    if isinstance(model, GPT):
+        return score_packed(model, batch, device)
     L = max(tokens.size(1) for _, tokens, _, _ in batch)
     tokens = torch.cat([F.pad(t, (0, L - t.size(1))) for _, t, _, _ in batch]).to(device)  # (4B, L)
     mask = torch.cat([F.pad(m, (0, L - m.size(1))) for _, _, m, _ in batch]).to(device)
@@ -146,16 +200,14 @@ def score_batch(model, batch, device):
     rows, cols = mask[:, 1:].nonzero(as_tuple=True)  # the (row, t) pairs whose target belongs to an ending
     device_type = torch.device(device).type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        h = final_hidden_states(model, x)[rows, cols]  # (N, n_embd), N = ending tokens in the batch
+        h = model.transformer(x, use_cache=False).last_hidden_state[rows, cols]  # (N, n_embd)
         logits = model.lm_head(h)  # (N, vocab_size)
     losses = F.cross_entropy(logits.float(), y[rows, cols], reduction="none")  # in float32, (N,)
     # back to (4B, L - 1), zero off the endings, and summed per row (a plain sum: deterministic on CUDA too,
     # so equal endings get exactly equal losses and the tie goes to the first, as with argmin in build-nanogpt)
     per_token = torch.zeros(x.shape, device=device)
     per_token[rows, cols] = losses
-    sum_loss = per_token.sum(dim=1)
-    n_tokens = mask[:, 1:].sum(dim=1)
-    return sum_loss.view(-1, 4), n_tokens.view(-1, 4)
+    return per_token.sum(dim=1).view(-1, 4), mask[:, 1:].sum(dim=1).view(-1, 4)
 
 
 @torch.no_grad()

@@ -60,13 +60,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # back into the residual stream
         self.n_head = config.n_head
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None):
         B, T, C = x.size()  # batch, sequence length, embedding size (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs): every head attends on its own slice of hs = C / nh channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # flash attention where the hardware has it: the (T, T) attention matrix is never stored
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # flash attention where the hardware has it: the (T, T) attention matrix is never stored.
+        # Causal (each token sees itself and the tokens before it) unless a mask says otherwise.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -92,8 +93,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # tokens talk to each other
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)  # tokens talk to each other
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
@@ -127,15 +128,21 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx):
-        """(B, T) token ids -> (B, T, n_embd) final hidden states, before the vocabulary projection."""
+    def hidden_states(self, idx, pos=None, attn_mask=None):
+        """(B, T) token ids -> (B, T, n_embd) final hidden states, before the vocabulary projection.
+
+        pos (positions) and attn_mask (B, 1, T, T), True where a token may attend, default to 0..T-1 and causal
+        attention; hellaswag.py passes its own to score four endings after one shared context in one row.
+        """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the model's block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than the model's block_size "
+                                 f"{self.config.block_size}")
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, attn_mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
