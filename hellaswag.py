@@ -191,7 +191,7 @@ def score_batch(model, batch, device):
     before it. Either way the lm_head (n_embd x 50257, most of a small model's work) runs only at the positions
     that predict an ending token.
     """
-    if isinstance(model, GPT):
+    if hasattr(model, "hidden_states"):  # our GPT (not isinstance: under torchrun its class is __main__.GPT)
         return score_packed(model, batch, device)
     L = max(tokens.size(1) for _, tokens, _, _ in batch)
     tokens = torch.cat([F.pad(t, (0, L - t.size(1))) for _, t, _, _ in batch]).to(device)  # (4B, L)
