@@ -1062,6 +1062,8 @@ def main(argv=None):
     try:
         dist = setup_distributed(cfg.device)
         train(cfg, dist)
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # leave together: gloo can abort a rank whose peer has already gone
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per rank
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
