@@ -22,11 +22,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT, UserError, get_tokenizer, pick_device  # (importing train_gpt2 does no work)
+from train_gpt2 import GPT, GPT2_SHAPES, UserError, get_tokenizer, pick_device  # importing it does no work
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DATA_DIR = Path(__file__).resolve().parent / "hellaswag"  # the download cache, beside this script
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints on the hub
+GPT2_NAMES = tuple(GPT2_SHAPES)  # OpenAI's checkpoints on the hub: gpt2 ... gpt2-xl
 
 # -----------------------------------------------------------------------------
 # Data: the jsonl files of the HellaSwag repository, one example per line.

@@ -674,6 +674,11 @@ def check_resume_flags(saved, cfg):
 # Hyperparameters: one table. Each field is a command-line flag (--name) with its help text; a preset is a
 # dict of overrides, and flags given on the command line win over the preset.
 
+GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+}
+
+
 def knob(default, help_text, **argparse_kwargs):
     return field(default=default, metadata=dict(help=help_text, **argparse_kwargs))
 
@@ -690,7 +695,7 @@ class TrainConfig:
     init_from: str = knob("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
                           "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)")
     # the model: a GPT-2 shape, each dimension overridable (0 = the shape's own)
-    model: str = knob("gpt2", "GPT-2 shape to start from", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"))
+    model: str = knob("gpt2", "GPT-2 shape to start from", choices=tuple(GPT2_SHAPES))
     n_layer: int = knob(0, "transformer blocks")
     n_head: int = knob(0, "attention heads")
     n_embd: int = knob(0, "embedding size")
@@ -725,10 +730,6 @@ class TrainConfig:
     sample: str = knob(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        metavar="PROMPT")
 
-
-GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
-}
 
 PRESETS = {
     "gpt2-124M": {},  # the defaults above are the recipe
@@ -866,7 +867,7 @@ def create_model(cfg, checkpoint):
 
 
 PEAK_BF16_FLOPS = [  # dense bf16 tensor-core peaks from the vendors' data sheets, first match wins
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
 ]
 
