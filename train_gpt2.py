@@ -7,25 +7,20 @@ Train GPT-2 from scratch, in one file that reads top to bottom.
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume   # continue from the newest checkpoint in log/
 
 Sections, in reading order: the model (exactly Hugging Face's GPT-2), the data loader, the learning-rate
-schedule, distributed set-up, evaluations, checkpoints, the hyperparameter table, and the training loop.
+schedule, distributed set-up, evaluations, the hyperparameter table, the training step and loop. Operations code
+lives beside this file: checkpoints.py (checkpoints, resume, preemption) and common.py (errors, atomic writes,
+downloads, tokenizer, device and dtype). The appendix at the end holds a faster loss for CPUs.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import functools
-import hashlib
 import json
 import math
 import os
-import random
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +29,18 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-HERE = Path(__file__).resolve().parent  # default data, downloads and caches live beside this file
+import hellaswag
+from checkpoints import (StopSignals, check_resume_flags, find_resume_checkpoint, git_commit, list_checkpoints,
+                         load_checkpoint, save_checkpoint, set_rng_state)
+from common import (EOT, UserError, atomic_write, autocast, download_moliere, get_tokenizer, lock_directory,
+                    pick_device, resolve_dtype)
+
+HERE = Path(__file__).resolve().parent  # default data and downloads live beside this file
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, module names as in Hugging Face so weights map one to one.
 
 GPT2_VOCAB = 50257  # GPT-2's tokenizer: 50,000 merges + 256 bytes + <|endoftext|>
-EOT = 50256  # <|endoftext|>: starts every document
 
 
 @dataclass
@@ -146,15 +146,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """(B, T) ids -> (logits, loss).
-
-        Without targets: logits (B, T, vocab_size) and loss None. With targets: the mean cross-entropy
-        and logits None, because the loss is computed chunk by chunk without ever storing the
-        (B, T, vocab_size) logits (see vocab_cross_entropy below).
-        """
+        """(B, T) ids -> (logits, loss): logits (B, T, vocab_size) and loss None, or with targets the loss."""
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
+        # The loss equals F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten()). On a CPU it is
+        # computed chunk by chunk without storing the (B, T, vocab_size) logits (see the appendix), so training
+        # returns logits None.
         return None, vocab_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     # -- Hugging Face interop: our module names equal theirs; their Conv1D stores weights as (in, out)
@@ -165,7 +163,11 @@ class GPT(nn.Module):
         """GPT-2 weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF directory."""
         from transformers import GPT2LMHeadModel  # imported here: heavy, and only this path needs it
 
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except OSError as e:  # not on the hub, not cached and offline, or not a model directory
+            raise UserError(f"could not load {name_or_path} ({(str(e).splitlines() or ['?'])[0]}); "
+                            f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
         c = hf.config
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
@@ -174,14 +176,15 @@ class GPT(nn.Module):
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         if set(ours) != set(theirs):
             different = sorted(set(ours) ^ set(theirs))[:5]
-            raise ValueError(f"{name_or_path}: weights do not match GPT-2's layout: {different}")
+            raise UserError(f"{name_or_path}: weights do not match GPT-2's layout: {different}")
         with torch.no_grad():
             for k, v in theirs.items():
                 ours[k].copy_(v.t() if k.endswith(cls.HF_TRANSPOSED) else v)
         return model
 
     def save_pretrained(self, directory):
-        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads (lm-eval, the hub)."""
+        """A self-contained Hugging Face directory: config.json, model.safetensors and GPT-2's tokenizer files,
+        so transformers' AutoTokenizer, pipeline(), lm-eval-harness and the hub work from it alone."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
@@ -200,8 +203,11 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path, map_location="cpu"):
         """The model saved in one of our checkpoints (model_XXXXX.pt), for evaluation and sampling."""
         checkpoint = load_checkpoint(path, map_location)
-        model = cls(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model = cls(GPTConfig(**checkpoint["config"]))
+            model.load_state_dict(checkpoint["model"])
+        except (TypeError, RuntimeError) as e:  # other keys or shapes than our GPT's
+            raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({str(e).splitlines()[0]})") from None
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
@@ -232,125 +238,75 @@ class GPT(nn.Module):
         return idx
 
 
-class VocabCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, for eager mode (CPU above all).
-
-    The vocabulary projection and its softmax are most of a small GPT's work. The usual chain (bf16 logits,
-    upcast to float32, log_softmax, nll, and the same again backwards) writes and reads several (N, vocab)
-    float32 tensors: 412 MB each at N = B*T = 2048, and on a CPU memory traffic and page faults, not FLOPs,
-    then set the pace. Here the logits of `chunk_rows` rows at a time become probabilities in place, in the
-    compute dtype (bf16 under autocast: as precise as the bf16 logits they come from; the softmax itself
-    sums in float32). Since the loss is the last thing computed, the gradient is formed at once:
-    d loss / d logits = (softmax - onehot(target)) / N. Backward only scales what forward kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, dtype, chunk_rows, need_grad):
-        N, V = x.size(0), weight.size(0)
-        xc, wc = x.to(dtype), weight.to(dtype)
-        # the probabilities of all N rows when training (they become the logits' gradient), else of one chunk
-        probs = torch.empty(N if need_grad else min(N, chunk_rows), V, dtype=dtype, device=x.device)
-        dx = torch.empty_like(xc) if need_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, N, chunk_rows):
-            rows, tgt = xc[start:start + chunk_rows], targets[start:start + chunk_rows, None]
-            p = probs[start:start + len(rows)] if need_grad else probs[:len(rows)]
-            torch.mm(rows, wc.t(), out=p)  # logits (rows, V)
-            p.copy_(torch.softmax(p, dim=1))
-            p_target = p.gather(1, tgt).float()
-            loss -= p_target.clamp_min(1e-38).log().sum()  # clamp: a p that underflowed to 0 costs 87, not inf
-            if need_grad:
-                p.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
-                torch.mm(p, wc, out=dx[start:start + len(rows)])
-        if need_grad:
-            ctx.save_for_backward(dx, (probs.t() @ xc).float())  # d weight in one large matmul
-            ctx.x_dtype = x.dtype
-        return loss / N
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
-        scale = grad_loss / dx.size(0)  # the 1/N of the mean, and whatever scaled the loss (accumulation)
-        return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None
-
-
-def vocab_cross_entropy(x, weight, targets, chunk_rows=128):
-    """Loss of the lm_head on (N, C) hidden states x; follows autocast's dtype like an nn.Linear would."""
-    if torch.compiler.is_compiling():
-        # torch.compile fuses the plain computation well (and would trace the chunks one by one)
-        return F.cross_entropy(F.linear(x, weight), targets)
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    with torch.autocast(device_type, enabled=False):  # dtypes are chosen explicitly inside
-        return VocabCrossEntropy.apply(x, weight, targets, dtype, chunk_rows, torch.is_grad_enabled())
-
-
 # -----------------------------------------------------------------------------
 # Data: token shards (uint16 .npy, written by fineweb.py) or one text file, read as T+1-token windows.
 
-MOLIERE_URL = "https://raw.githubusercontent.com/NoeFlandre/GPT2-From-Scratch/main/data/moliere.txt"
-MOLIERE_SHA256 = "8cd86b64cf6dc641b4e12f6cbca92c546eaf0342db86d3c489cb5b9be37be0ea"
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
+HINT = "HINT: make shards with `python fineweb.py` (or pass --data PATH: a shard directory or a .txt file)"
 
 
-class UserError(Exception):
-    """Something the user must fix (data, flags, disk space): main() prints it as one line, no traceback."""
+def list_shards(source):
+    """The shard files of a directory, checked as a set: one prefix, indices 0..N-1 without gaps, shard 0 val."""
+    found = sorted((int(m["index"]), m["prefix"], m["split"], p) for p in source.iterdir()
+                   if (m := SHARD_NAME.match(p.name)))
+    if not found:
+        raise UserError(f"no shards (*_val_000000.npy, *_train_000001.npy, ...) in {source}. {HINT}")
+    prefixes = sorted({prefix for _, prefix, _, _ in found})
+    if len(prefixes) > 1:
+        raise UserError(f"{source} mixes shards of several runs (prefixes {', '.join(prefixes)}): keep one")
+    indices = [i for i, _, _, _ in found]
+    if indices != list(range(len(found))):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))[:5] or "duplicates"
+        raise UserError(f"{source}: shard indices have gaps (missing {missing}): a shard was lost; rerun fineweb.py")
+    return [(split, p) for _, _, split, p in found]
 
 
-@functools.cache
-def get_tokenizer():
-    import tiktoken  # created on first use: importing this file must stay free of work
-
+def read_text_tokens(path):
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken downloads its files once; offline, that is a network error
-        raise UserError(f"could not load GPT-2's tokenizer: tiktoken fetches it on first use ({type(e).__name__}); "
-                        f"connect once, or point TIKTOKEN_CACHE_DIR at a copy of its cache") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read text file {path} ({e}): --data takes a UTF-8 .txt file") from None
+    return np.array([EOT] + get_tokenizer().encode_ordinary(text), np.uint16)
 
 
-def download_moliere(path, url=MOLIERE_URL):
-    """Fetch the quick start's corpus once, checking its sha256; a failed download leaves no file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def load_shard(path):
+    # a memory map: a 100M-token shard costs no memory until its pages are read
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        if digest != MOLIERE_SHA256:
-            raise UserError(f"sha256 {digest} differs from the expected {MOLIERE_SHA256}")
-        os.replace(tmp, path)  # appears under its real name only once complete and verified
-    except (OSError, UserError) as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download {url} ({e}); fetch it by hand: curl -L {url} -o {path} "
-                        f"and check: sha256sum {path} -> {MOLIERE_SHA256}") from None
-    return path
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # truncated, pickled objects, not .npy at all
+        raise UserError(f"{path} is not a readable .npy shard ({str(e).splitlines()[0]}). "
+                        f"HINT: regenerate it with `python fineweb.py`") from None
 
 
-def load_token_arrays(source, split, T):
+def load_token_arrays(source, split, T, vocab_size=None):
     """The token arrays of one split: memory-mapped shards of a directory, or 90/10 of a text file."""
     source = Path(source)
     if source.suffix == ".txt":
         if not source.is_file():
             raise UserError(f"text file {source} not found")
-        tokens = np.array([EOT] + get_tokenizer().encode_ordinary(source.read_text(encoding="utf-8")), np.uint16)
+        tokens = read_text_tokens(source)
         cut = int(0.9 * len(tokens))  # first 90% train, last 10% val
         arrays, names = [tokens[:cut] if split == "train" else tokens[cut:]], [f"{source} ({split})"]
     else:
-        hint = "HINT: make shards with `python fineweb.py` (or pass --data PATH: a shard directory or a .txt file)"
         if not source.is_dir():
-            raise UserError(f"data directory {source} not found. {hint}")
-        paths = sorted(p for p in source.iterdir() if (m := SHARD_NAME.match(p.name)) and m["split"] == split)
+            raise UserError(f"data directory {source} not found. {HINT}")
+        paths = [p for s, p in list_shards(source) if s == split]
         if not paths:
-            raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {source}. {hint}")
-        # memory maps: a 100M-token shard costs no memory until its pages are read
-        arrays, names = [np.load(p, mmap_mode="r") for p in paths], [str(p) for p in paths]
+            raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {source}. {HINT}")
+        arrays, names = [load_shard(p) for p in paths], [str(p) for p in paths]
+        # fineweb.py's last shard holds what is left: when shorter than one window it has nothing to give
+        if len(arrays) > 1 and len(arrays[-1]) < T + 1:
+            print(f"note: skipping {names[-1]}: {len(arrays[-1])} tokens, fewer than one window of T+1 = {T + 1}")
+            arrays, names = arrays[:-1], names[:-1]
     for array, name in zip(arrays, names):
         if array.dtype != np.uint16 or array.ndim != 1:
             raise UserError(f"{name}: expected a 1-D uint16 token array, found {array.dtype} {array.shape}. "
                             f"HINT: regenerate it with `python fineweb.py`")
         if len(array) < T + 1:
             raise UserError(f"{name}: {len(array)} tokens, fewer than one window of T+1 = {T + 1}")
+        # one pass over the memory map now, rather than an IndexError hours into the run
+        if vocab_size is not None and (top := int(array.max())) >= vocab_size:
+            raise UserError(f"{name}: holds token id {top}, outside the model's vocabulary of {vocab_size}")
     return arrays
 
 
@@ -365,9 +321,9 @@ class ShardedLoader:
     and the state is a single global position, valid for any world size. Val is read in order.
     """
 
-    def __init__(self, source, B, T, split, rank=0, world_size=1, seed=1337):
+    def __init__(self, source, B, T, split, rank=0, world_size=1, seed=1337, vocab_size=None):
         self.B, self.T, self.split, self.rank, self.world_size, self.seed = B, T, split, rank, world_size, seed
-        self.arrays = load_token_arrays(source, split, T)
+        self.arrays = load_token_arrays(source, split, T, vocab_size)
         self.windows = np.array([(len(a) - 1) // T for a in self.arrays])  # windows per shard
         self.epoch_windows = int(self.windows.sum())
         self.epoch, self.shard_window_order = None, (None, None)  # computed when first needed
@@ -394,12 +350,13 @@ class ShardedLoader:
         if self.shard_window_order[0] != (epoch, shard):
             self.shard_window_order = (epoch, shard), self.permutation(self.windows[shard], epoch, shard)
         i = int(self.shard_window_order[1][k - self.shard_starts[j]]) * self.T
-        return torch.from_numpy(self.arrays[shard][i: i + self.T + 1].astype(np.int64))
+        return self.arrays[shard][i: i + self.T + 1]
 
     def next_batch(self):
-        rows = torch.stack([self.window(self.position + b) for b in range(self.B)])  # (B, T+1)
+        rows = np.stack([self.window(self.position + b) for b in range(self.B)]).astype(np.int64)  # (B, T+1)
         self.position += self.world_size * self.B  # skip the other ranks' micro-batches
-        return rows[:, :-1], rows[:, 1:]  # inputs, and targets shifted by one: (B, T) each
+        # inputs, and targets shifted by one: (B, T) each, contiguous (pinned and copied to a GPU as they are)
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
     def state_dict(self):
         # the global position: the same on every rank, so a checkpoint resumes on any world size
@@ -447,74 +404,101 @@ class DistInfo:
             torch.mps.synchronize()
 
 
-def pick_device(requested):
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if not available[requested]:
-        raise UserError(f"--device {requested} is not available here; use --device auto or cpu")
-    return requested
+def setup_distributed(device="auto", timeout_s=600):
+    """DistInfo for this process; under torchrun also joins the process group (nccl on CUDA, gloo on CPU).
 
+    timeout_s bounds every collective: a rank that stopped (a hung GPU, SIGSTOP) makes the others fail after it
+    instead of holding them for the backends' default of 30 minutes.
+    """
+    import datetime
 
-def setup_distributed(device="auto"):
-    """DistInfo for this process; under torchrun also joins the process group (nccl on CUDA, gloo on CPU)."""
     device_type = pick_device(device)
     if "RANK" not in os.environ:  # a plain `python train_gpt2.py`
         return DistInfo(0, 0, 1, device_type, device_type, True)
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if device_type == "mps":
         raise UserError("MPS runs single-process: use `python train_gpt2.py`, not torchrun")
     if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"--nproc_per_node is larger than this machine's {torch.cuda.device_count()} GPUs: "
+                            f"use --nproc_per_node={torch.cuda.device_count()}")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=torch.device(device))
+        torch.distributed.init_process_group("nccl", device_id=torch.device(device), timeout=timeout)
     else:
         device = "cpu"
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", timeout=timeout)
     return DistInfo(rank, local_rank, world_size, device, device_type, rank == 0)
 
 
-def all_reduce_mean(value, dist):
+def all_reduce_mean(value, world):
     """The mean of a float over all ranks (gloo has no ReduceOp.AVG, so SUM / world_size)."""
-    if dist.world_size == 1:
+    if world.world_size == 1:
         return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=dist.device)
+    t = torch.tensor(float(value), dtype=torch.float64, device=world.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t.item() / dist.world_size
+    return t.item() / world.world_size
+
+
+def on_master(world, fn, *args):
+    """Run fn on rank 0 alone while the others wait; every rank learns whether it failed, so that a download
+    error stops all of them at once rather than leaving the others in a barrier until the timeout."""
+    error = None
+    if world.is_master:
+        try:
+            fn(*args)
+        except UserError as e:
+            error = e
+    if world.world_size > 1:
+        failed = torch.tensor(int(error is not None), device=world.device)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise UserError("rank 0 failed (see its message)")
+    if error is not None:
+        raise error
 
 
 # -----------------------------------------------------------------------------
-# Evaluations: validation loss, HellaSwag (scored by hellaswag.py) and text samples.
+# Evaluations: validation loss, HellaSwag (scored by hellaswag.py) and text samples. Each takes a `stop`
+# callable: a stop request (SIGTERM) cuts an evaluation short, so that the checkpoint is saved in time.
 
-def autocast(dist, dtype):
-    """bf16 autocast: matmuls in bfloat16, reductions (softmax, layernorm) in float32; off for float32 runs."""
-    return torch.autocast(dist.device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-def evaluate_val(model, loader, steps, dist, dtype):
-    """Mean loss over `steps` micro-batches of this rank's share of the val split (callers average ranks)."""
+def evaluate_val(model, loader, steps, world, dtype, stop=lambda: False):
+    """Mean loss over `steps` micro-batches of this rank's share of the val split (callers average ranks), or
+    None if a stop request cut it short."""
     model.eval()
     loader.reset()  # the same val tokens every time
     total = 0.0
     with torch.no_grad():
         for _ in range(steps):
+            if stop():
+                return None
             x, y = loader.next_batch()
-            with autocast(dist, dtype):
-                _, loss = model(x.to(dist.device), y.to(dist.device))
+            with autocast(world.device_type, dtype):
+                _, loss = model(x.to(world.device), y.to(world.device))
             total += loss.item()
     model.train()
     return total / steps
 
 
-def evaluate_hellaswag(raw_model, examples, dist, batch_size):
-    """acc_norm over all examples, each rank scoring its share; returns (n, acc_norm)."""
-    import hellaswag  # (its scorer is the one used by `python hellaswag.py`)
+def load_hellaswag(cfg, world, block_size):
+    """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
+    if cfg.hellaswag_data is None:
+        on_master(world, hellaswag.download, "val")
+    examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
+    longest = max(tokens.size(1) for _, tokens, _, _ in examples)
+    if longest > block_size:
+        raise UserError(f"HellaSwag examples are up to {longest} tokens, more than the model's block_size "
+                        f"{block_size}: use --hellaswag_every 0")
+    return examples
 
-    result = hellaswag.evaluate(raw_model, examples[dist.rank::dist.world_size], dist.device, batch_size=batch_size)
-    counts = torch.tensor([result["n"], result["correct_norm"]], dtype=torch.long, device=dist.device)
-    if dist.world_size > 1:
+
+def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop=lambda: False):
+    """acc_norm over all examples, each rank scoring its share; returns (n, acc_norm)."""
+    result = hellaswag.evaluate(raw_model, examples[world.rank::world.world_size], world.device,
+                                batch_size=batch_size)
+    counts = torch.tensor([result["n"], result["correct_norm"]], dtype=torch.long, device=world.device)
+    if world.world_size > 1:
         torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
     n, correct = counts.tolist()
     return n, correct / n
@@ -530,144 +514,6 @@ def sample_text(raw_model, prompt, num_samples, max_new_tokens, seed, device):
     out = raw_model.generate(idx, max_new_tokens, generator=generator)
     raw_model.train(was_training)
     return [enc.decode(row.tolist()) for row in out]
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: everything needed to continue a run exactly, written so that a crash never leaves a torn file.
-
-CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pt$")
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:  # no git on this machine
-        return "unknown"
-
-
-def rng_state(dist):
-    """This rank's random generators (training itself draws no random numbers, but user changes might)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                    cached), "torch": torch.get_rng_state()}
-    if dist.device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(dist.device)
-    return state
-
-
-def set_rng_state(state, dist):
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if dist.device_type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], dist.device)
-
-
-def gather_objects(obj, dist):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if dist.world_size == 1:
-        return [obj]
-    out = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def write_atomically(obj, path):
-    """torch.save to a temp name, fsync, rename: the checkpoint's name appears only once it is whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk, not just in the page cache, before it gets its name
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free / 1e9
-        raise UserError(f"could not write checkpoint {path} ({e.strerror}; {free:.2f} GB free). Earlier checkpoints "
-                        f"are intact: free some space, then continue with --resume") from None
-
-
-def save_checkpoint(log_dir, step, raw_model, optimizer, train_loader, val_loss, cfg, dist):
-    """model_{step:05d}.pt: the state after `step` updates. Every rank calls this (it gathers their states)."""
-    ranks = gather_objects({"loader": train_loader.state_dict(), "rng": rng_state(dist)}, dist)
-    path = log_dir / f"model_{step:05d}.pt"
-    failed = None
-    if dist.is_master:
-        checkpoint = {
-            "model": raw_model.state_dict(),  # the uncompiled module: no _orig_mod. or module. prefixes
-            "config": dataclasses.asdict(raw_model.config), "step": step, "val_loss": val_loss,
-            "optimizer": optimizer.state_dict(), "loaders": [r["loader"] for r in ranks],
-            "rng": [r["rng"] for r in ranks], "args": dataclasses.asdict(cfg),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_commit(), "torch": str(torch.__version__),
-        }
-        try:
-            write_atomically(checkpoint, path)
-            prune_checkpoints(log_dir, cfg.keep_checkpoints)
-        except UserError as e:
-            failed = e
-    # every rank learns whether rank 0 succeeded (this also holds them until the file is complete)
-    failures = gather_objects(failed is not None, dist)
-    if any(failures):
-        raise failed or UserError("rank 0 could not write a checkpoint")
-    return path
-
-
-def list_checkpoints(log_dir):
-    """Complete checkpoints in log_dir, oldest first (a temp file from a crash never matches the name)."""
-    found = [(int(m[1]), p) for p in Path(log_dir).glob("model_*.pt") if (m := CHECKPOINT_NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def prune_checkpoints(log_dir, keep):
-    if keep > 0:
-        for path in list_checkpoints(log_dir)[:-keep]:  # never the newest `keep`
-            path.unlink()
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint's contents; weights_only: plain tensors and containers, no code runs on load."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: torch raises several kinds
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
-
-
-def find_resume_checkpoint(cfg):
-    """(path, checkpoint) for --resume: the given file, or the newest readable checkpoint in log_dir."""
-    if cfg.resume != "latest":
-        return Path(cfg.resume), load_checkpoint(cfg.resume)
-    candidates = list_checkpoints(cfg.log_dir)
-    if not candidates:
-        raise UserError(f"--resume: no checkpoint (model_NNNNN.pt) in {cfg.log_dir}; start without --resume, "
-                        f"or point --log_dir at the run's directory")
-    for path in reversed(candidates):
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            print(f"skipping {e}")
-    raise UserError(f"--resume: none of the checkpoints in {cfg.log_dir} is readable")
-
-
-# flags that change what the run computes: a resumed run must keep them (max_steps and -B may change;
-# the data may move to another path: the loader checks that its shards are the same)
-MATH_FLAGS = ("init_from", "model", "n_layer", "n_head", "n_embd", "block_size", "vocab_size",
-              "total_batch_size", "seq_len", "max_lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-              "grad_clip", "seed")
-
-
-def check_resume_flags(saved, cfg):
-    changed = [f"--{k} {saved[k]} -> {getattr(cfg, k)}" for k in MATH_FLAGS if saved[k] != getattr(cfg, k)]
-    if changed:
-        raise UserError("--resume: these flags differ from the checkpoint's run and would change its math: "
-                        + ", ".join(changed) + ". Rerun with the checkpoint's values, or start a new --log_dir")
-    notes = [f"--{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("max_steps", "micro_batch_size")
-             if saved[k] != getattr(cfg, k)]
-    return f"resuming with changed {', '.join(notes)}" if notes else None
 
 
 # -----------------------------------------------------------------------------
@@ -696,20 +542,22 @@ class TrainConfig:
                           "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)")
     # the model: a GPT-2 shape, each dimension overridable (0 = the shape's own)
     model: str = knob("gpt2", "GPT-2 shape to start from", choices=tuple(GPT2_SHAPES))
-    n_layer: int = knob(0, "transformer blocks")
-    n_head: int = knob(0, "attention heads")
-    n_embd: int = knob(0, "embedding size")
-    block_size: int = knob(0, "longest context (default 1024)")
-    vocab_size: int = knob(0, "vocabulary (default 50304: GPT-2's 50257 padded to a multiple of 64)")
+    n_layer: int = knob(0, "transformer blocks; 0: the --model shape's")
+    n_head: int = knob(0, "attention heads; 0: the --model shape's")
+    n_embd: int = knob(0, "embedding size; 0: the --model shape's")
+    block_size: int = knob(0, "longest context; 0: 1024")
+    vocab_size: int = knob(0, "vocabulary; 0: 50304, GPT-2's 50257 padded to a multiple of 64")
     # the batch: total_batch_size = micro_batch_size * seq_len * world_size * gradient accumulation steps
     total_batch_size: int = knob(524288, "tokens per optimizer step (2**19, about GPT-3 Small's 0.5M)")
     micro_batch_size: int = knob(64, "sequences per forward pass on each GPU", flags=("-B",))
     seq_len: int = knob(1024, "tokens per sequence", flags=("-T",))
     # optimization (GPT-3 paper, table 2.1 and appendix B)
     max_lr: float = knob(6e-4, "peak learning rate")
-    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr")
+    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1)")
     warmup_steps: int = knob(715, "linear warmup (375M tokens / 2**19 tokens per step)")
     max_steps: int = knob(19073, "optimizer steps (10B tokens / 2**19 tokens per step)")
+    lr_horizon: int = knob(0, "step at which the cosine reaches min_lr; 0: --max_steps of the run's first "
+                           "start. Kept on --resume, so a larger --max_steps continues at min_lr")
     weight_decay: float = knob(0.1, "AdamW weight decay on matrices")
     grad_clip: float = knob(1.0, "clip the gradient's global norm to this (0: no clipping)")
     # evaluation and checkpoints (0 turns any of them off)
@@ -724,11 +572,14 @@ class TrainConfig:
     # the machine
     compile: str = knob("auto", "torch.compile the model (auto: on CUDA)", choices=("auto", "true", "false"))
     device: str = knob("auto", "auto: cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
-    dtype: str = knob("auto", "auto: bfloat16 on CUDA and CPUs with native bf16",
+    dtype: str = knob("auto", "auto: bfloat16 on CUDA GPUs of compute capability 8.0+ and CPUs with native bf16",
                       choices=("auto", "bfloat16", "float32"))
+    dist_timeout: int = knob(600, "seconds a rank waits for the others in a collective before failing")
     seed: int = knob(1337, "seeds the initialisation and the data order")
     sample: str = knob(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        metavar="PROMPT")
+    wandb: str = knob(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
+                      metavar="PROJECT")
 
 
 PRESETS = {
@@ -741,18 +592,27 @@ PRESETS = {
                     sample_every=100, prompt="sganarelle: \n", checkpoint_every=100),
 }
 
+# flags that change what the run computes: a resumed run must keep them (max_steps, -B, the data's path and
+# the dtype may change and are said; the loader checks that the data's shards are the same)
+MATH_FLAGS = ("init_from", "model", "n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+              "total_batch_size", "seq_len", "max_lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+              "grad_clip", "seed")
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train GPT-2 from scratch.", argument_default=argparse.SUPPRESS)
+    """TrainConfig from the command line; --help shows the defaults of the chosen --preset."""
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", choices=tuple(PRESETS), default=TrainConfig.preset)
+    preset = PRESETS[preset_parser.parse_known_args(argv)[0].preset]
+    parser = argparse.ArgumentParser(description="Train GPT-2 from scratch.")
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         flags = meta.pop("flags", ())
+        default = preset.get(f.name, f.default)
         kind = {} if "nargs" in meta else {"type": f.type}
-        meta["help"] += f" (default: {f.default})"
-        parser.add_argument(f"--{f.name}", *flags, dest=f.name, **kind, **meta)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS drops the rest)
-    preset = PRESETS[given.get("preset", TrainConfig.preset)]
-    return TrainConfig(**{**preset, **given})
+        meta["help"] += "" if default is None else f" (default: {default})"
+        parser.add_argument(f"--{f.name}", *flags, dest=f.name, default=default, **kind, **meta)
+    return TrainConfig(**vars(parser.parse_args(argv)))
 
 
 def resolve_path(path):
@@ -762,20 +622,6 @@ def resolve_path(path):
     return path if path.is_absolute() or path.exists() else HERE / path
 
 
-def resolve_dtype(requested, dist):
-    """--dtype auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16 or AMX (native bf16 matmuls, 1.3x faster
-    than float32); float32 elsewhere (MPS, older CPUs), where bf16 is emulated and slow."""
-    if requested != "auto":
-        return requested
-    if dist.device_type == "cuda":
-        return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text() if dist.device_type == "cpu" else ""
-    except OSError:  # not Linux
-        flags = ""
-    return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"
-
-
 def model_config(cfg):
     """GPTConfig for a run from scratch: the --model shape with any overrides."""
     n_layer, n_head, n_embd = GPT2_SHAPES[cfg.model]
@@ -783,10 +629,10 @@ def model_config(cfg):
                      n_layer=cfg.n_layer or n_layer, n_head=cfg.n_head or n_head, n_embd=cfg.n_embd or n_embd)
 
 
-def validate(cfg, dist):
-    """Every problem with the flags at once, before any work starts."""
+def validate(cfg, world, model_cfg, start_step=0):
+    """Every problem with the flags at once, before any work starts. model_cfg: the GPTConfig the run trains."""
     problems = []
-    B, T, W = cfg.micro_batch_size, cfg.seq_len, dist.world_size
+    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
     if min(B, T, cfg.total_batch_size, cfg.max_steps) <= 0:
         problems.append("-B, -T, --total_batch_size and --max_steps must be positive")
     elif cfg.total_batch_size % (B * T * W):
@@ -795,82 +641,74 @@ def validate(cfg, dist):
         problems.append(f"--total_batch_size {cfg.total_batch_size} is not divisible by B*T*world_size = "
                         f"{B}*{T}*{W} = {B * T * W}; " + (f"valid -B values: {valid}" if valid else
                         f"use a --total_batch_size that is a multiple of {B * T * W}"))
-    if cfg.init_from == "scratch":
-        config = model_config(cfg)
-        if T > config.block_size:
-            problems.append(f"-T {T} is longer than the model's block_size {config.block_size}")
-        if config.n_embd % config.n_head:
-            problems.append(f"--n_embd {config.n_embd} is not a multiple of --n_head {config.n_head}")
-    elif any((cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size)):
+    shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    if any(getattr(cfg, k) < 0 for k in shape):
+        problems.append("--n_layer, --n_head, --n_embd, --block_size and --vocab_size cannot be negative")
+    elif cfg.init_from != "scratch" and any(getattr(cfg, k) for k in shape):
         problems.append(f"--init_from {cfg.init_from} fixes the model's shape: drop --n_layer/--n_head/--n_embd/"
                         f"--block_size/--vocab_size")
+    elif model_cfg is not None:
+        if T > model_cfg.block_size:
+            problems.append(f"-T {T} is longer than the model's block_size {model_cfg.block_size}")
+        if model_cfg.n_embd % model_cfg.n_head:
+            problems.append(f"--n_embd {model_cfg.n_embd} is not a multiple of --n_head {model_cfg.n_head}")
+    if not (math.isfinite(cfg.max_lr) and cfg.max_lr > 0):
+        problems.append(f"--max_lr must be a positive number, not {cfg.max_lr}")
+    if not 0 <= cfg.min_lr_ratio <= 1:  # (nan fails too) a negative floor would train by gradient ascent
+        problems.append(f"--min_lr_ratio must be between 0 and 1, not {cfg.min_lr_ratio}")
+    if not (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and math.isfinite(cfg.weight_decay + cfg.grad_clip)):
+        problems.append("--weight_decay and --grad_clip must be finite and not negative")
     if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,
-           cfg.warmup_steps, cfg.val_tokens) < 0:
-        problems.append("the --*_every, --keep_checkpoints, --warmup_steps and --val_tokens flags cannot be negative")
-    if dist.device_type == "mps" and cfg.dtype == "bfloat16":
+           cfg.warmup_steps, cfg.val_tokens, cfg.lr_horizon) < 0 or cfg.dist_timeout <= 0:
+        problems.append("the --*_every, --keep_checkpoints, --warmup_steps, --val_tokens and --lr_horizon flags "
+                        "cannot be negative, and --dist_timeout must be positive")
+    horizon = cfg.lr_horizon or cfg.max_steps
+    if 0 < cfg.max_steps <= cfg.warmup_steps or 0 < horizon <= cfg.warmup_steps:
+        problems.append(f"--warmup_steps {cfg.warmup_steps} must be fewer than --max_steps {cfg.max_steps} (and "
+                        f"--lr_horizon): the LR would never reach --max_lr. Pass a smaller --warmup_steps")
+    if cfg.max_steps < start_step:
+        problems.append(f"--max_steps {cfg.max_steps} is below the checkpoint's step {start_step}: nothing to do")
+    if world.device_type == "mps" and cfg.dtype == "bfloat16":
         problems.append("--dtype bfloat16 is not supported on MPS: use float32")
+    if cfg.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            problems.append("--wandb needs the wandb package: pip install wandb")
     if problems:
         raise UserError("; ".join(problems))
 
 
+def resolve_schedule(cfg, saved_args, start_step):
+    """Fix the LR schedule's horizon for the whole run, so that resuming never makes the learning rate jump.
+
+    A fresh run's horizon is --lr_horizon or its --max_steps. A resumed run keeps the horizon it started with: a
+    larger --max_steps then continues at min_lr. An explicit new --lr_horizon is taken only if it leaves the
+    learning rate of every step so far unchanged (during warmup, say)."""
+    if saved_args is None:
+        cfg.lr_horizon = cfg.lr_horizon or cfg.max_steps
+        return None
+    saved = saved_args.get("lr_horizon") or saved_args["max_steps"]
+    new = cfg.lr_horizon or saved
+    lr = schedule(cfg)
+    if new != saved and any(lr(s, saved) != lr(s, new) for s in range(start_step + 1)):
+        raise UserError(f"--lr_horizon {new} would change the learning rate of the steps already taken (this run's "
+                        f"schedule ends at step {saved}): drop --lr_horizon to keep it; a larger --max_steps "
+                        f"then continues at min_lr")
+    cfg.lr_horizon = new
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > new else ""
+    return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
+            f"{new}{after}; step {start_step} runs at {lr(start_step, new):.4e}")
+
+
+def schedule(cfg):
+    """The run's learning rate as a function of (step, horizon)."""
+    return lambda step, horizon: get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, horizon)
+
+
 # -----------------------------------------------------------------------------
-# The training loop.
-
-def prepare_data(cfg, dist):
-    """The resolved --data path; the quick start's corpus is downloaded on first use (by rank 0)."""
-    data = resolve_path(cfg.data)
-    if data.name == "moliere.txt" and not data.exists():
-        if dist.is_master:
-            print(f"downloading {MOLIERE_URL} -> {data}")
-            download_moliere(data)
-        if dist.world_size > 1:
-            torch.distributed.barrier()  # the others wait for the file
-    return data
-
-
-def load_hellaswag(cfg, dist, block_size):
-    """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
-    import hellaswag
-
-    if cfg.hellaswag_data is None:
-        if dist.is_master:
-            try:
-                hellaswag.download("val")
-            except OSError as e:
-                raise UserError(f"HellaSwag download failed ({e}); pass --hellaswag_data FILE or "
-                                f"--hellaswag_every 0") from None
-        if dist.world_size > 1:
-            torch.distributed.barrier()
-    try:
-        examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
-    except (OSError, ValueError) as e:
-        raise UserError(f"HellaSwag data: {e}") from None
-    longest = max(tokens.size(1) for _, tokens, _, _ in examples)
-    if longest > block_size:
-        raise UserError(f"HellaSwag examples are up to {longest} tokens, more than the model's block_size "
-                        f"{block_size}: use --hellaswag_every 0")
-    return examples
-
-
-def create_model(cfg, checkpoint):
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    elif cfg.init_from == "scratch":
-        model = GPT(model_config(cfg))
-    elif cfg.init_from.endswith(".pt"):
-        model = GPT.from_checkpoint(cfg.init_from)
-    else:
-        model = GPT.from_pretrained(cfg.init_from)
-    return model
-
-
-PEAK_BF16_FLOPS = [  # dense bf16 tensor-core peaks from the vendors' data sheets, first match wins
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
-]
-
+# The training step and loop.
 
 def flops_per_token(model, T):
     """Training FLOPs per token (PaLM, appendix B): 6 per parameter that multiplies, plus attention's 12*L*C*T."""
@@ -879,199 +717,349 @@ def flops_per_token(model, T):
     return 6 * n + 12 * c.n_layer * c.n_embd * T
 
 
-def peak_flops(dist):
-    if dist.device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(dist.device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-class StopSignals:
-    """SIGTERM (a spot instance being reclaimed) or SIGINT (Ctrl-C) asks the loop to finish the current update,
-    save a checkpoint and exit 0; a second signal stops at once."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def any_rank(self, dist):
-        """True on every rank if any rank got a signal (so that all of them stop at the same step)."""
-        flag = torch.tensor(int(self.received is not None), device=dist.device)
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, dist, dtype):
+def train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, world, dtype):
     """One optimizer update over total_batch_size tokens; returns (loss averaged over ranks, grad norm, lr)."""
     optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=dist.device)
+    loss_accum = torch.zeros((), device=world.device)
     for micro_step in range(grad_accum_steps):
         x, y = train_loader.next_batch()
-        if dist.device_type == "cuda":  # pinned memory: the copy runs asynchronously, overlapping compute
-            x, y = x.pin_memory().to(dist.device, non_blocking=True), y.pin_memory().to(dist.device, non_blocking=True)
+        if world.device_type == "cuda":  # pinned memory: the copy runs asynchronously, overlapping compute
+            x, y = x.pin_memory().to(world.device, non_blocking=True), y.pin_memory().to(world.device, non_blocking=True)
         # DDP all-reduces gradients during backward; only the last micro-step needs it, no_sync() skips the rest
         last = micro_step == grad_accum_steps - 1
-        with contextlib.nullcontext() if dist.world_size == 1 or last else model.no_sync():
-            with autocast(dist, dtype):
+        with contextlib.nullcontext() if world.world_size == 1 or last else model.no_sync():
+            with autocast(world.device_type, dtype):
                 _, loss = model(x, y)
             # Each micro-batch's loss is a mean over its B*T tokens and gradients add up over micro-steps, so
             # dividing by grad_accum_steps makes their sum the gradient of the mean over the whole batch.
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             loss.backward()
-    loss_mean = all_reduce_mean(loss_accum.item(), dist)
+    loss_mean = all_reduce_mean(loss_accum.item(), world)
     if not math.isfinite(loss_mean):  # every rank sees the same mean, so every rank stops here
         raise UserError(f"the loss is {loss_mean} at step {step}: stopping without saving. The checkpoints in "
                         f"--log_dir are untouched: --resume from one with a lower --max_lr")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+    lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.lr_horizon)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    dist.synchronize()
+    world.synchronize()
     return loss_mean, norm.item(), lr
 
 
-def start_log(log_file, cfg, dist, dtype, resumed_from):
-    """log.txt starts with what made the run (a resume appends to it, with a line saying so)."""
-    device = torch.cuda.get_device_name(dist.device) if dist.device_type == "cuda" else dist.device_type
-    about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
-             f"{device} x {dist.world_size} | {dtype}")
-    if resumed_from:
-        lines = [f"# resume {resumed_from} | {about}"]
-    else:
-        if log_file.exists():  # a fresh run never destroys an earlier log
-            os.replace(log_file, log_file.with_suffix(".prev.txt"))
-            print(f"moved the earlier {log_file} to {log_file.with_suffix('.prev.txt')}")
-        lines = [f"# run {about}", f"# config {json.dumps(dataclasses.asdict(cfg))}"]
-    with open(log_file, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
+class RunLog:
+    """log.txt (rank 0): what made the run, then one build-nanogpt-compatible line per record; also sent to
+    Weights & Biases with --wandb. A full disk or an unwritable --log_dir is one clear error."""
+
+    def __init__(self, log_dir, cfg, world, dtype, resumed_from):
+        self.path, self.enabled, self.wandb = log_dir / "log.txt", world.is_master, None
+        if not self.enabled:
+            return
+        device = torch.cuda.get_device_name(world.device) if world.device_type == "cuda" else world.device_type
+        about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
+                 f"{device} x {world.world_size} | {dtype}")
+        if resumed_from:
+            self.write(f"# resume {resumed_from} | {about}")
+        else:
+            if self.path.exists():  # a fresh run never destroys an earlier log
+                os.replace(self.path, self.path.with_suffix(".prev.txt"))
+                print(f"moved the earlier {self.path} to {self.path.with_suffix('.prev.txt')}")
+            self.write(f"# run {about}\n# config {json.dumps(dataclasses.asdict(cfg))}")
+        if cfg.wandb:
+            self.wandb = start_wandb(cfg, log_dir, resumed_from is not None)
+
+    def write(self, text):
+        if self.enabled:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                raise UserError(f"could not write {self.path} ({e.strerror}): free some space or fix the "
+                                f"directory's permissions, then continue with --resume") from None
+
+    def record(self, step, kind, value, **extra):
+        """One `{step} {kind} {value}` line (train 6 decimals, val/hella 4), plus extra figures for W&B."""
+        self.write(f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}")
+        if self.wandb is not None:
+            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+            self.wandb.log({names[kind]: value, **extra}, step=step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(cfg, log_dir, resumed):
+    """A W&B run named after log_dir with the whole config; a resumed run continues the same W&B run."""
+    import wandb
+
+    id_file = log_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else wandb.util.generate_id()
+    atomic_write(id_file, lambda f: f.write(run_id.encode()))
+    return wandb.init(project=cfg.wandb, name=log_dir.name, id=run_id, resume="allow", dir=str(log_dir),
+                      config=dataclasses.asdict(cfg))
 
 
 def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
 
 
-def train(cfg, dist):
-    validate(cfg, dist)
-    dtype = resolve_dtype(cfg.dtype, dist)
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and dist.device_type == "cuda")
-    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
-    log_dir, say = Path(cfg.log_dir), print if dist.is_master else (lambda *args: None)
-    checkpoint_path, checkpoint = find_resume_checkpoint(cfg) if cfg.resume else (None, None)
-    if checkpoint is not None and (note := check_resume_flags(checkpoint["args"], cfg)):
+def create_model(cfg, checkpoint, init_checkpoint):
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if checkpoint is not None or init_checkpoint is not None:
+        source = checkpoint if checkpoint is not None else init_checkpoint
+        model = GPT(GPTConfig(**source["config"]))
+        model.load_state_dict(source["model"])
+    elif cfg.init_from == "scratch":
+        model = GPT(model_config(cfg))
+    else:
+        model = GPT.from_pretrained(cfg.init_from)
+    return model
+
+
+def planned_model_config(cfg, checkpoint, init_checkpoint):
+    """The shape the run will train, known before any weights are built (for validate)."""
+    if checkpoint is not None or init_checkpoint is not None:
+        return GPTConfig(**(checkpoint or init_checkpoint)["config"])
+    if cfg.init_from == "scratch":
+        return model_config(cfg) if min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) >= 0 else None
+    config_file = Path(cfg.init_from) / "config.json"
+    if config_file.is_file():  # a local HF directory
+        c = json.loads(config_file.read_text())
+        return GPTConfig(c.get("n_positions", 1024), c.get("vocab_size", GPT2_VOCAB), c.get("n_layer", 12),
+                         c.get("n_head", 12), c.get("n_embd", 768))
+    return GPTConfig(1024, GPT2_VOCAB, *GPT2_SHAPES.get(cfg.init_from, GPT2_SHAPES["gpt2"]))
+
+
+def sample_only(cfg, world, dtype, checkpoint, init_checkpoint):
+    """--sample: print continuations of a prompt from the initialised or resumed model; needs no data."""
+    raw_model = create_model(cfg, checkpoint, init_checkpoint).to(world.device)
+    with autocast(world.device_type, dtype):
+        for text in sample_text(raw_model, cfg.sample, 4, 64, cfg.seed, world.device) if world.is_master else []:
+            print(f"> {text}")
+
+
+def compile_failed(e):
+    """torch.compile needs a C compiler and Triton at run time; slim CUDA images lack them."""
+    return UserError(f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): "
+                     f"rerun with --compile false, or install a C compiler (e.g. apt install build-essential)")
+
+
+def train(cfg, world):
+    log_dir, say = Path(cfg.log_dir), print if world.is_master else (lambda *args: None)
+    # a checkpoint to resume (or to fine-tune from) is read first: its shape and step take part in validation
+    checkpoint_path, checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume) if cfg.resume else (None, None)
+    init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from.endswith(".pt") and not cfg.resume else None
+    start_step = checkpoint["step"] if checkpoint is not None else 0
+    validate(cfg, world, planned_model_config(cfg, checkpoint, init_checkpoint), start_step)
+    dtype = resolve_dtype(cfg.dtype, world.device_type)
+    if checkpoint is not None and (note := check_resume_flags(checkpoint["args"], cfg, MATH_FLAGS)):
         say(note)
     elif checkpoint is None and cfg.sample is None and list_checkpoints(log_dir):
         raise UserError(f"{log_dir} holds checkpoints of an earlier run: continue it with --resume, "
                         f"or start a new run with another --log_dir")
+    schedule_note = resolve_schedule(cfg, checkpoint["args"] if checkpoint is not None else None, start_step)
+    if cfg.sample is not None:
+        return sample_only(cfg, world, dtype, checkpoint, init_checkpoint)
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
 
     # data: every rank reads its own share of one global order of windows
     B, T = cfg.micro_batch_size, cfg.seq_len
-    grad_accum_steps = cfg.total_batch_size // (B * T * dist.world_size)
-    data = prepare_data(cfg, dist)
-    train_loader = ShardedLoader(data, B, T, "train", dist.rank, dist.world_size, cfg.seed)
-    val_loader = ShardedLoader(data, B, T, "val", dist.rank, dist.world_size)
-    val_steps = max(1, cfg.val_tokens // (B * T * dist.world_size))  # the same val tokens for any world size
+    grad_accum_steps = cfg.total_batch_size // (B * T * world.world_size)
+    data = resolve_path(cfg.data)
+    if data.name == "moliere.txt" and not data.exists():  # the quick start's corpus, fetched on first use
+        on_master(world, download_moliere, data)
+    vocab_size = planned_model_config(cfg, checkpoint, init_checkpoint).vocab_size
+    train_loader = ShardedLoader(data, B, T, "train", world.rank, world.world_size, cfg.seed, vocab_size)
+    val_loader = ShardedLoader(data, B, T, "val", world.rank, world.world_size, vocab_size=vocab_size)
+    val_steps = max(1, cfg.val_tokens // (B * T * world.world_size))  # the same val tokens for any world size
 
     # model and optimizer, fresh or as the checkpoint left them
-    raw_model = create_model(cfg, checkpoint).to(dist.device)
-    hella_examples = None
-    if cfg.hellaswag_every > 0 and cfg.sample is None:
-        hella_examples = load_hellaswag(cfg, dist, raw_model.config.block_size)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, dist.device_type)
-    start_step, val_loss = 0, None
+    raw_model = create_model(cfg, checkpoint, init_checkpoint).to(world.device)
+    hella_examples = load_hellaswag(cfg, world, raw_model.config.block_size) if cfg.hellaswag_every > 0 else None
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, world.device_type)
+    val_loss = None
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
+            group["fused"] = world.device_type == "cuda"
         train_loader.load_state_dict(checkpoint["loaders"][0])  # a global position: the same for every rank
         rng = checkpoint["rng"]
-        set_rng_state(rng[dist.rank] if len(rng) == dist.world_size else rng[0], dist)
-        start_step, val_loss = checkpoint["step"], checkpoint["val_loss"]
-        say(f"resumed from {checkpoint_path} at step {start_step}")
-    if cfg.sample is not None:
-        with autocast(dist, dtype):
-            for text in sample_text(raw_model, cfg.sample, 4, 64, cfg.seed, dist.device) if dist.is_master else []:
-                print(f"> {text}")
-        return
+        set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)
+        val_loss = checkpoint["val_loss"]
+        say(f"resumed from {checkpoint_path} at step {start_step}\n{schedule_note}")
+    del checkpoint, init_checkpoint  # a 124M checkpoint is 1.5 GB: not kept for the whole run
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and world.device_type == "cuda")
     model = torch.compile(raw_model) if use_compile else raw_model
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if
-                                                          dist.device_type == "cuda" else None)
+    if world.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
+            gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
     n_params = sum(p.numel() for p in raw_model.parameters())
-    say(f"{n_params:,} parameters | {dist.device} x {dist.world_size} | {dtype} | compile {use_compile} | "
-        f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {dist.world_size} ranks x {grad_accum_steps} "
+    say(f"{n_params:,} parameters | {world.device} x {world.world_size} | {dtype} | compile {use_compile} | "
+        f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world.world_size} ranks x {grad_accum_steps} "
         f"accumulation steps | {train_loader.epoch_windows * T:,} train tokens per epoch")
-    log_file = log_dir / "log.txt"
-    if dist.is_master:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        start_log(log_file, cfg, dist, dtype, checkpoint_path)
+    lock = lock_directory(log_dir, "train_gpt2.py") if world.is_master else None  # one run per --log_dir
+    try:
+        log = RunLog(log_dir, cfg, world, dtype, checkpoint_path)
+        with StopSignals() as stop:
+            loop(cfg, world, dtype, model, raw_model, optimizer, train_loader, val_loader, val_steps,
+                 hella_examples, grad_accum_steps, start_step, val_loss, log, stop)
+        log.close()
+    finally:
+        if lock is not None:
+            os.close(lock)
 
-    def record(line):  # one build-nanogpt-compatible line in log.txt
-        if dist.is_master:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
 
-    flops, peak = flops_per_token(raw_model, T), peak_flops(dist)
-    with StopSignals() as stop:
-        for step in range(start_step, cfg.max_steps + 1):
-            last_step = step == cfg.max_steps  # evals and a checkpoint once more after the last update
-            if due(cfg.eval_every, step, last_step):
-                val_loss = all_reduce_mean(evaluate_val(model, val_loader, val_steps, dist, dtype), dist)
-                say(f"step {step:5d} | val loss {val_loss:.4f}")
-                record(f"{step} val {val_loss:.4f}")
-            if due(cfg.hellaswag_every, step, last_step):
-                n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, dist, batch_size=max(1, B // 4))
-                say(f"step {step:5d} | HellaSwag {acc_norm:.4f} ({n} examples)")
-                record(f"{step} hella {acc_norm:.4f}")
-            if due(cfg.sample_every, step, last_step) and dist.is_master:
-                with autocast(dist, dtype):
-                    for text in sample_text(raw_model, cfg.prompt, 4, 32, cfg.seed, dist.device):
-                        print(f"> {text}")
-            if cfg.checkpoint_every > 0 and step > start_step and (step % cfg.checkpoint_every == 0 or last_step):
-                save_checkpoint(log_dir, step, raw_model, optimizer, train_loader, val_loss, cfg, dist)
+def loop(cfg, world, dtype, model, raw_model, optimizer, train_loader, val_loader, val_steps, hella_examples,
+         grad_accum_steps, start_step, val_loss, log, stop):
+    say, log_dir, B, T = print if world.is_master else (lambda *args: None), Path(cfg.log_dir), \
+        cfg.micro_batch_size, cfg.seq_len
+    flops, peak = flops_per_token(raw_model, T), peak_flops(world)
+    stopping = lambda: stop.received is not None  # a stop request cuts evaluations short
+
+    def save(step):
+        return save_checkpoint(log_dir, step, raw_model, optimizer, train_loader, val_loss, cfg, world)
+
+    for step in range(start_step, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps  # evals and a checkpoint once more after the last update
+        # A stop request cuts an evaluation short on the rank that got it; all ranks then agree (any_rank) to save
+        # the state as it is, before this step's update, and skip the rest.
+        if due(cfg.eval_every, step, last_step):
+            loss = evaluate_val(model, val_loader, val_steps, world, dtype, stopping)
+            if stop.any_rank(world):
+                return stopped(stop, save(step), step, say)
+            val_loss = all_reduce_mean(loss, world)
+            say(f"step {step:5d} | val loss {val_loss:.4f}")
+            log.record(step, "val", val_loss)
+        if due(cfg.hellaswag_every, step, last_step):
+            n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, world, max(1, B // 4), dtype, stopping)
+            if stop.any_rank(world):
+                return stopped(stop, save(step), step, say)
+            say(f"step {step:5d} | HellaSwag {acc_norm:.4f} ({n} examples)")
+            log.record(step, "hella", acc_norm)
+        if due(cfg.sample_every, step, last_step) and world.is_master and not stopping():
+            with autocast(world.device_type, dtype):
+                for text in sample_text(raw_model, cfg.prompt, 4, 32, cfg.seed, world.device):
+                    print(f"> {text}")
+        if cfg.checkpoint_every > 0 and step > start_step and (step % cfg.checkpoint_every == 0 or last_step):
+            path = save(step)
             if last_step:
-                break
+                say(f"saved {path}. Next: python plot.py {log_dir / 'log.txt'} | python hellaswag.py -m {path} | "
+                    f"python train_gpt2.py --init_from {path} --sample \"...\"")
+        if last_step:
+            break
 
-            t0 = time.time()  # the update alone: evals above are not part of the throughput
-            model.train()
-            loss, norm, lr = train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, dist, dtype)
-            dt = time.time() - t0
-            tokens_per_sec = cfg.total_batch_size / dt
-            mfu = f" | MFU {100 * flops * tokens_per_sec / (peak * dist.world_size):.1f}%" if peak else ""
-            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.1f}ms | "
-                f"tok/sec {tokens_per_sec:,.0f}{mfu}")
-            record(f"{step} train {loss:.6f}")
-            if stop.any_rank(dist):
-                path = save_checkpoint(log_dir, step + 1, raw_model, optimizer, train_loader, val_loss, cfg, dist)
-                say(f"stopped by {stop.received or 'a signal on another rank'} after step {step}: saved {path}. "
-                    f"Continue with the same command plus --resume")
-                return
+        t0 = time.time()  # the update alone: evals above are not part of the throughput
+        model.train()
+        try:
+            loss, norm, lr = train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, world, dtype)
+        except Exception as e:
+            if step == start_step and type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
+                raise compile_failed(e) from None
+            raise
+        dt = time.time() - t0
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = 100 * flops * tokens_per_sec / (peak * world.world_size) if peak else None
+        say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.1f}ms | "
+            f"tok/sec {tokens_per_sec:,.0f}" + (f" | MFU {mfu:.1f}%" if mfu else ""))
+        log.record(step, "train", loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec,
+                   tokens=(step + 1) * cfg.total_batch_size, **({"mfu": mfu} if mfu else {}))
+        if stop.any_rank(world):
+            return stopped(stop, save(step + 1), step + 1, say)
+
+
+def stopped(stop, path, step, say):
+    say(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: saved {path}. "
+        f"Continue with the same command plus --resume")
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    dist = None
+    world = None
     try:
-        dist = setup_distributed(cfg.device)
-        train(cfg, dist)
-        if dist.world_size > 1:
+        world = setup_distributed(cfg.device, cfg.dist_timeout)
+        train(cfg, world)
+        if world.world_size > 1:
             torch.distributed.barrier()  # leave together: gloo can abort a rank whose peer has already gone
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per rank
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
-        if dist is not None and dist.world_size > 1:
+        if world is not None and world.world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Appendix: measuring speed, and a faster loss for CPUs.
+
+PEAK_BF16_FLOPS = [  # dense bf16 tensor-core peaks from the vendors' data sheets; first match wins, so the
+    # variants (PCIe, NVL) come before the names they contain
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
+]
+
+
+def peak_flops(world):
+    if world.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(world.device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+class VocabCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, for eager mode on a CPU.
+
+    The vocabulary projection and its softmax are most of a small GPT's work. The usual chain (bf16 logits,
+    upcast to float32, log_softmax, nll, and the same again backwards) writes and reads several (N, vocab)
+    float32 tensors: 412 MB each at N = B*T = 2048, and on a CPU memory traffic and page faults, not FLOPs,
+    then set the pace. Here the logits of `chunk_rows` rows at a time become probabilities in place, in the
+    compute dtype (bf16 under autocast: as precise as the bf16 logits they come from; the softmax itself
+    sums in float32). Since the loss is the last thing computed, the gradient is formed at once:
+    d loss / d logits = (softmax - onehot(target)) / N. Backward only scales what forward kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype, chunk_rows, need_grad):
+        N, V = x.size(0), weight.size(0)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        # the probabilities of all N rows when training (they become the logits' gradient), else of one chunk
+        probs = torch.empty(N if need_grad else min(N, chunk_rows), V, dtype=dtype, device=x.device)
+        dx = torch.empty_like(xc) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, N, chunk_rows):
+            rows, tgt = xc[start:start + chunk_rows], targets[start:start + chunk_rows, None]
+            p = probs[start:start + len(rows)] if need_grad else probs[:len(rows)]
+            torch.mm(rows, wc.t(), out=p)  # logits (rows, V)
+            p.copy_(torch.softmax(p, dim=1))
+            p_target = p.gather(1, tgt).float()
+            loss -= p_target.clamp_min(1e-38).log().sum()  # clamp: a p that underflowed to 0 costs 87, not inf
+            if need_grad:
+                p.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
+                torch.mm(p, wc, out=dx[start:start + len(rows)])
+        if need_grad:
+            ctx.save_for_backward(dx, (probs.t() @ xc).float())  # d weight in one large matmul
+            ctx.x_dtype = x.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        scale = grad_loss / dx.size(0)  # the 1/N of the mean, and whatever scaled the loss (accumulation)
+        return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None
+
+
+def vocab_cross_entropy(x, weight, targets, chunk_rows=128):
+    """Loss of the lm_head on (N, C) hidden states x; follows autocast's dtype like an nn.Linear would."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        # GPUs run the plain loss fast (and torch.compile fuses it); chunks of 128 rows would mean thousands of
+        # small kernel launches per micro-batch there
+        return F.cross_entropy(F.linear(x, weight), targets)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    with torch.autocast("cpu", enabled=False):  # dtypes are chosen explicitly inside
+        return VocabCrossEntropy.apply(x, weight, targets, dtype, chunk_rows, torch.is_grad_enabled())
 
 
 if __name__ == "__main__":

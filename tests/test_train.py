@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import train_gpt2
 from conftest import TINY, read_log, torchrun_cpu, write_shards
 from train_gpt2 import ShardedLoader, get_lr
@@ -182,7 +183,7 @@ def run_cli(args, tmp_path):
 
 @pytest.mark.parametrize("case, expected", [
     ("missing dir", "not found.*python fineweb.py"),
-    ("empty dir", "no train shards.*python fineweb.py"),
+    ("empty dir", "no shards .* in .*python fineweb.py"),
     ("int32 shard", "expected a 1-D uint16 token array, found int32"),
     ("indivisible batch", r"--total_batch_size 1000 is not divisible by B\*T\*world_size = 4\*32\*1 = 128"),
     ("T > block_size", "-T 64 is longer than the model's block_size 32"),
@@ -222,6 +223,7 @@ def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
 
     data_file = write_jsonl(tmp_path / "hella.jsonl", make_examples(n=14, seed=3))
     args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--block_size", "128", "--max_steps", "2",
+                   "--warmup_steps", "1",
                    "--eval_every", "0",
                    "--hellaswag_every", "2", "--hellaswag_data", str(data_file), "--checkpoint_every", "2"]
     torchrun_cpu(args, tmp_path / "ddp")
@@ -242,13 +244,13 @@ def test_moliere_download_checks_the_sha256_and_leaves_nothing_on_failure(tmp_pa
     bad = tmp_path / "bad.txt"
     bad.write_text("not Moliere")
     target = tmp_path / "input" / "moliere.txt"
-    with pytest.raises(train_gpt2.UserError, match="sha256.*curl -L"):
-        train_gpt2.download_moliere(target, url=bad.as_uri())
-    with pytest.raises(train_gpt2.UserError, match="could not download"):
-        train_gpt2.download_moliere(target, url=(tmp_path / "missing.txt").as_uri())
+    with pytest.raises(common.UserError, match="sha256.*curl -L"):
+        common.download(bad.as_uri(), target, sha256=common.MOLIERE_SHA256)
+    with pytest.raises(common.UserError, match="could not download"):
+        common.download((tmp_path / "missing.txt").as_uri(), target, sha256=common.MOLIERE_SHA256)
     assert list(target.parent.iterdir()) == []  # no partial or unverified file
     if SHARED_MOLIERE.exists():  # the real corpus, served from the workplace's copy instead of GitHub
-        train_gpt2.download_moliere(target, url=SHARED_MOLIERE.as_uri())
+        common.download(SHARED_MOLIERE.as_uri(), target, sha256=common.MOLIERE_SHA256)
         assert target.read_bytes() == SHARED_MOLIERE.read_bytes()
 
 
@@ -256,7 +258,8 @@ def test_moliere_download_checks_the_sha256_and_leaves_nothing_on_failure(tmp_pa
 @pytest.mark.skipif(not SHARED_MOLIERE.exists(), reason="needs the Moliere corpus")
 def test_moliere_preset_runs_and_samples(tmp_path, capsys):
     train_gpt2.main(["--preset", "moliere", "--data", str(SHARED_MOLIERE), "--log_dir", str(tmp_path),
-                     "--max_steps", "2", "--eval_every", "2", "--val_tokens", "4096", "--sample_every", "2"])
+                     "--max_steps", "2", "--warmup_steps", "1", "--eval_every", "2", "--val_tokens", "4096",
+                     "--sample_every", "2"])
     out = capsys.readouterr().out
     assert "8,192 tokens per step = 32 x 128 x 1 ranks x 2 accumulation steps" in out
     assert out.count("> sganarelle:") == 8  # 4 samples at step 0, 4 after the last step
@@ -273,7 +276,7 @@ def test_init_from_a_hugging_face_directory(shards, tmp_path):
     assert TINY[8] == "--vocab_size"
     base = TINY[10:]  # everything after the five shape flags
     train_gpt2.main(base + ["--data", str(shards), "--log_dir", str(tmp_path / "log"), "--init_from", str(hf_dir),
-                            "--max_steps", "1", "--eval_every", "1"])
+                            "--max_steps", "1", "--warmup_steps", "0", "--eval_every", "1"])
     model = train_gpt2.GPT.from_pretrained(hf_dir).eval()
     val = ShardedLoader(shards, 4, 32, "val")
     with torch.no_grad():
