@@ -1,37 +1,55 @@
 """
-Plot training logs: log.txt -> train loss, val loss and HellaSwag curves against GPT-2/GPT-3 baselines.
+Plot training logs: log.txt -> train loss, val loss and HellaSwag curves, against GPT-2/GPT-3 for FineWeb-Edu runs.
 
     python plot.py log/log.txt                                # -> results/train_loss.png, val_loss.png, hellaswag.png
-    python plot.py run1/log.txt run2/log.txt --labels a b     # several runs overlaid, one colour each
+    python plot.py log_moliere/log.txt log_moliere_modern/log.txt  # runs overlaid, one colour and label each
+    python plot.py run1/log.txt run2/log.txt --labels a b     # labels of your choice (default: each log's dir)
     python plot.py build-nanogpt/log/log.txt --out figs       # build-nanogpt's logs read unchanged
 
 A log holds one record per line, `{step} train {loss}`, `{step} val {loss}`, `{step} hella {acc_norm}`;
-lines starting with `#` are comments except `# config {json}`, whose total_batch_size gives tokens per step.
+lines starting with `#` are comments except `# config {json}`, whose total_batch_size gives tokens per step
+and whose data says what the run trained on. A metric no log has records of gets no PNG.
 """
 import argparse
+import functools
 import json
 import math
+import sys
 from pathlib import Path
 
-KINDS = ("train", "val", "hella")  # the record kinds we plot; others (lr, norm, ...) are skipped
+from common import UserError, atomic_write
+
+# The record kinds we plot (others: lr, norm, sample, ... are skipped) -> (file, y label, name in messages)
+METRICS = {"train": ("train_loss.png", "train loss", "train loss"),
+           "val": ("val_loss.png", "val loss", "val loss"),
+           "hella": ("hellaswag.png", "HellaSwag acc_norm", "HellaSwag")}
+KINDS = tuple(METRICS)
+DEFAULT_DATA = "edu_fineweb10B"  # train_gpt2.py's --data default: a config without "data" trained on FineWeb-Edu
 # GPT-2 124M as released by OpenAI, measured the same way we measure (build-nanogpt's numbers):
 GPT2_VAL_LOSS = 3.2924  # on the FineWeb-Edu val shard (edufineweb_val_000000.npy)
 GPT2_HELLA, GPT3_HELLA = 0.2955, 0.337  # HellaSwag acc_norm; GPT-3 124M's (zero-shot) is from the GPT-3 paper
+# Reference lines, in black and grey so they never share a colour with a run (runs take C0, C1, ...). They are
+# drawn only for runs on FineWeb-Edu: a Moliere run's val loss is on other text, and its HellaSwag says little.
+REFERENCES = {"val": [(GPT2_VAL_LOSS, "GPT-2 124M on FineWeb-Edu val", "black", "--")],
+              "hella": [(GPT2_HELLA, "GPT-2 124M", "black", "--"), (GPT3_HELLA, "GPT-3 124M, its paper", "grey", ":")]}
 
 
 def parse_log(path):
-    """Read one log.txt into {"train": {step: loss}, "val": ..., "hella": ..., "tokens_per_step", "skipped"}."""
+    """Read one log.txt into {"train": {step: loss}, "val": ..., "hella": ..., "tokens_per_step", "data",
+    "skipped"}; "data" is the run's --data, None when the log has no config line (build-nanogpt's logs)."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"plot.py: error: no such log file: {path}")
+        raise UserError(f"no such log file: {path}")
     log = {kind: {} for kind in KINDS}
-    log["tokens_per_step"], log["skipped"] = None, 0
+    log["tokens_per_step"], log["data"], log["skipped"] = None, None, 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.strip()
         if line.startswith("# config "):
             try:  # a torn or hand-edited header is not worth dying for: fall back to --tokens_per_step
-                tokens = json.loads(line[len("# config "):]).get("total_batch_size")
+                config = json.loads(line[len("# config "):])
+                tokens = config.get("total_batch_size")
                 log["tokens_per_step"] = int(tokens) if tokens else log["tokens_per_step"]
+                log["data"] = str(config.get("data") or DEFAULT_DATA)
             except (ValueError, TypeError, AttributeError):
                 pass
             continue
@@ -49,8 +67,14 @@ def parse_log(path):
             continue
         log[kind][step] = value  # a step logged again after a resume: the later line wins
     if not any(log[kind] for kind in KINDS):
-        raise SystemExit(f"plot.py: error: no train/val/hella records in {path}")
+        raise UserError(f"no train/val/hella records in {path}")
     return log
+
+
+def maybe_fineweb(log):
+    """Did this run train on FineWeb-Edu? A log without a config line (build-nanogpt's) counts as yes: that is
+    what build-nanogpt trains on, and the reference lines' labels say which data they hold for."""
+    return log["data"] is None or "fineweb" in Path(log["data"]).name.lower()
 
 
 def ema(values, beta):
@@ -75,37 +99,67 @@ def add_token_axis(ax, tokens_per_step, last_step):
     top.set_xlabel(f"tokens ({unit})" if unit else "tokens")
 
 
-def plot_metric(plt, runs, kind, ylabel, baselines, beta, tokens_per_step, path):
-    """One figure: `kind` of every run (raw faintly, smoothed on top if beta), baselines dashed, saved to path."""
+def nice_step(x):
+    """The largest 1, 2 or 5 times a power of ten that is at most x (0.45 -> 0.2, 0.6 -> 0.5)."""
+    power = 10 ** math.floor(math.log10(x))
+    return max(m * power for m in (1, 2, 5) if m * power <= x * (1 + 1e-9))
+
+
+def log_ticks(lo, hi, count=10):
+    """Round-number ticks from lo to hi for a log axis: about `count` of them (at most 2 * count), evenly spread.
+
+    Each gap is a round step near a fixed fraction of the value, so the low end, where a run ends and runs are
+    compared, gets the fine steps: a loss falling from 11 to 3 gets 3, 3.2, ..., 3.8, 4, 4.5, ..., 7.5, 8, 9, 10, 11.
+    (Matplotlib's log locator labels only 1-9 times a power of ten there: nothing between 3 and 4.)
+    """
+    gap = max(math.log(hi / lo) / count, 1e-3)  # wanted tick spacing as a fraction of the value
+    step = nice_step(lo * gap)
+    tick, ticks = math.ceil(lo / step - 1e-6) * step, []
+    while tick <= hi * (1 + 1e-9):
+        ticks.append(float(f"{tick:.10g}"))  # 3.0000000000000004 -> 3.0
+        # As the values grow, coarsen the step (1, 2, 5, 10, ...) towards the wanted one, but only on a multiple of
+        # the coarser step, so the ticks stay round and evenly spaced: 4.6, 4.8, 5, 5.5 (not 4.4, 4.5, 5)
+        while (up := nice_step(step * 2.5)) <= tick * gap * (1 + 1e-9) and abs(tick / up - round(tick / up)) < 1e-6:
+            step = up
+        tick = (round(tick / step) + 1) * step
+    if len(ticks) > 2 * count > 4:  # rounding the steps down can double the count (3.2-3.6: every 0.02): space them out
+        return log_ticks(lo, hi, count * 0.7)
+    return ticks
+
+
+def plot_metric(plt, runs, kind, beta=0, tokens_per_step=None):
+    """The figure of `kind` for every run (raw faintly, smoothed on top if beta), references dashed; the caller
+    saves and closes it. Runs keep their colour (C{i}) across figures, even where one has no records of `kind`."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    last_step, drawn = 0, False
+    last_step = 0
     for i, (label, log) in enumerate(runs):
         steps = sorted(log[kind])
         values = [log[kind][s] for s in steps]
         if not steps:
             continue
-        last_step, drawn = max(last_step, steps[-1]), True
+        last_step = max(last_step, steps[-1])
         if beta:  # noisy per-step losses: the smoothed curve carries the label, the raw one is context
             ax.plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=0.8)
             ax.plot(steps, ema(values, beta), color=f"C{i}", label=f"{label} (EMA {beta})")
         else:  # evals are already averages over many tokens/examples: plot them as they are, with markers
             ax.plot(steps, values, color=f"C{i}", marker="." if len(steps) < 100 else None, label=label)
-    for value, text, color in baselines:
-        ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{text} ({value})")
-    if not drawn:  # nothing of this kind in any log: keep the file (README links to it) and say why
-        ax.text(0.5, 0.5, f"no '{kind}' records in the log(s) yet", transform=ax.transAxes, ha="center")
+    if any(maybe_fineweb(log) for _, log in runs):
+        for value, text, color, style in REFERENCES.get(kind, []):
+            ax.axhline(value, color=color, linestyle=style, linewidth=1, label=f"{text} ({value})")
     if kind != "hella":  # a loss falling from ~11 to ~3 reads better on a log scale, with plain-number ticks
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_major_locator(plt.FixedLocator(log_ticks(lo, hi)))
         ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(plt.FormatStrFormatter("%g"))
-    if tokens_per_step and drawn:
+        ax.yaxis.set_minor_locator(plt.NullLocator())  # every tick is a labelled major one
+        ax.set_ylim(lo, hi)
+    if tokens_per_step:
         add_token_axis(ax, tokens_per_step, last_step)
-    ax.set(xlabel="step", ylabel=ylabel)
+    ax.set(xlabel="step", ylabel=METRICS[kind][1])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def summary(label, log, tokens_per_step, beta):
@@ -140,8 +194,16 @@ def main(argv=None):
         parser.error(f"--labels got {len(args.labels)} labels for {len(args.logs)} logs")
     if not 0 <= args.smooth < 1 or args.tokens_per_step < 1:
         parser.error("--smooth must be in [0, 1) and --tokens_per_step at least 1")
+    try:
+        plot_logs(args)
+    except UserError as e:  # a missing or empty log, an unwritable --out: one line, no traceback
+        print(f"plot.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def plot_logs(args):
     logs = [parse_log(p) for p in args.logs]  # parse everything first: a bad file fails before any plotting
-    labels = args.labels or [Path(p).resolve().parent.name for p in args.logs]
+    labels = args.labels or [Path(p).resolve().parent.name for p in args.logs]  # log_moliere/log.txt -> log_moliere
     if len(set(labels)) < len(labels):  # two runs both in a dir called log/: the full dir tells them apart
         labels = [str(Path(p).parent) for p in args.logs]
     per_log = [log["tokens_per_step"] or args.tokens_per_step for log in logs]
@@ -153,15 +215,19 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write into {out} ({e.strerror}): choose another --out") from None
     runs = list(zip(labels, logs))
-    figures = [("train", "train loss", [], args.smooth, "train_loss.png"),
-               ("val", "val loss", [(GPT2_VAL_LOSS, "GPT-2 124M", "red")], 0, "val_loss.png"),
-               ("hella", "HellaSwag acc_norm",
-                [(GPT2_HELLA, "GPT-2 124M", "red"), (GPT3_HELLA, "GPT-3 124M", "green")], 0, "hellaswag.png")]
-    for kind, ylabel, baselines, beta, name in figures:
-        plot_metric(plt, runs, kind, ylabel, baselines, beta, tokens_axis, out / name)
-        print(f"wrote {out / name}" + ("" if any(log[kind] for log in logs) else f" (no '{kind}' records)"))
+    for kind, (name, _, what) in METRICS.items():
+        if not any(log[kind] for log in logs):  # an empty plot would only look like a broken one
+            print(f"no {what} records: {out / name} not written")
+            continue
+        fig = plot_metric(plt, runs, kind, args.smooth if kind == "train" else 0, tokens_axis)
+        atomic_write(out / name, functools.partial(fig.savefig, format="png", dpi=120))  # never a half-written PNG
+        plt.close(fig)
+        print(f"wrote {out / name}")
     for (label, log), tokens_per_step in zip(runs, per_log):
         print(summary(label, log, tokens_per_step, args.smooth))
 

@@ -1,4 +1,6 @@
-"""plot.py: log parsing (headers, resumes, junk lines), the three PNGs, overlays and error messages."""
+"""plot.py: log parsing (headers, resumes, junk lines), the three PNGs, overlays, reference lines only for FineWeb-Edu
+runs, readable loss ticks, labels and error messages."""
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 import plot
+from common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,16 +51,17 @@ def write(path, text):
     return path
 
 
-def fake_run(steps, offset=0.0):
-    """A plausible log: train loss decaying from ~11 with noise, val every 10 steps, hella every 20."""
+def fake_run(steps, offset=0.0, config='{"total_batch_size": 524288}', hella=True):
+    """A plausible log: train loss decaying from ~11 with noise, val every 10 steps, hella every 20 (if hella).
+    config: the JSON of its `# config` line, None for none (as in build-nanogpt's logs)."""
     rng = np.random.default_rng(0)
-    lines = ['# config {"total_batch_size": 524288}']
+    lines = [f"# config {config}"] if config is not None else []
     for step in range(steps):
         loss = 3 + 8 * np.exp(-step / 30) + offset
         lines.append(f"{step} train {loss + rng.normal(0, 0.1):.6f}")
         if step % 10 == 0:
             lines.append(f"{step} val {loss + 0.1:.4f}")
-        if step % 20 == 0:
+        if step % 20 == 0 and hella:
             lines.append(f"{step} hella {0.25 + step / 4000 - offset / 100:.4f}")
     return "\n".join(lines) + "\n"
 
@@ -67,7 +71,7 @@ def test_parse_synthetic_log_keeps_later_lines_and_skips_junk(tmp_path):
     assert log["train"] == {0: 10.95, 1: 9.5, 2: 7.9, 3: 7.1, 4: 6.4}
     assert log["val"] == {0: 10.9876, 2: 7.5, 5: 6.3}
     assert log["hella"] == {0: 0.25, 2: 0.26, 5: 0.27}
-    assert log["tokens_per_step"] == 8192
+    assert log["tokens_per_step"] == 8192 and log["data"] == "edu_fineweb10B"  # no "data": the default
     # "3 tra", "oops", "4 val abc", "4 train nan" and "4 train 6.5 extra"; lr/sample lines and blanks are not junk
     assert log["skipped"] == 5
 
@@ -76,7 +80,7 @@ def test_parse_build_nanogpt_log(tmp_path):
     log = plot.parse_log(write(tmp_path / "log.txt", NANOGPT))
     assert log["train"] == {0: 10.955029, 1: 9.812309, 2: 9.401567}
     assert log["val"] == {0: 10.9513} and log["hella"] == {0: 0.249}
-    assert log["tokens_per_step"] is None and log["skipped"] == 0
+    assert log["tokens_per_step"] is None and log["data"] is None and log["skipped"] == 0
 
 
 def test_ema_is_bias_corrected():
@@ -136,21 +140,114 @@ def test_two_logs_overlay_with_distinct_labels(tmp_path, capsys):
     assert f"final train loss {plot.parse_log(second)['train'][79]:.4f}" in out
 
 
-def test_labels_flag_and_log_without_hellaswag(tmp_path, capsys):
-    path = write(tmp_path / "log" / "log.txt", NANOGPT.replace("0 hella 0.2490\n", ""))
-    plot.main([str(path), "--labels", "nano", "--out", str(tmp_path / "out"), "--tokens_per_step", "1000"])
+def run_main(monkeypatch, argv):
+    """plot.main(argv), returning what each figure shows, read before main saves and closes it: {kind: dict(
+    legend=[texts], runs={label: colour}, refs=[y of the reference lines], yticks=[(y, label) on the axis])}."""
+    shown, draw = {}, plot.plot_metric
+
+    def spy(plt, runs, kind, *args):
+        fig = draw(plt, runs, kind, *args)
+        fig.canvas.draw()  # tick labels get their text when drawn
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]  # the labelled ones
+        shown[kind] = {"legend": [t.get_text() for t in ax.get_legend().get_texts()],
+                       "runs": {line.get_label(): line.get_color() for line in lines if line.get_linestyle() == "-"},
+                       "refs": [line.get_ydata()[0] for line in lines if line.get_linestyle() != "-"],
+                       "yticks": [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels()
+                                  if t.get_text() and lo <= t.get_position()[1] <= hi]}
+        return fig
+
+    monkeypatch.setattr(plot, "plot_metric", spy)
+    plot.main(argv)
+    return shown
+
+
+@pytest.mark.parametrize("config, fineweb", [
+    ('{"total_batch_size": 524288}', True),  # train_gpt2.py's default --data, edu_fineweb10B
+    ('{"data": "/data/FineWeb-Edu_sample/"}', True),  # shards made elsewhere, named for what they hold
+    ('{"data": "input/moliere.txt", "preset": "moliere"}', False),  # 3.2924 on other text means nothing here
+    (None, True),  # build-nanogpt's logs have no config line: they train on FineWeb-Edu
+])
+def test_reference_lines_only_for_fineweb_runs(tmp_path, monkeypatch, config, fineweb):
+    path = write(tmp_path / "run" / "log.txt", fake_run(60, config=config))
+    shown = run_main(monkeypatch, [str(path), "--out", str(tmp_path / "out")])
+    assert shown["train"]["refs"] == []
+    if fineweb:
+        assert shown["val"]["refs"] == [3.2924] and shown["hella"]["refs"] == [0.2955, 0.337]
+        assert shown["val"]["legend"] == ["run", "GPT-2 124M on FineWeb-Edu val (3.2924)"]
+        assert shown["hella"]["legend"] == ["run", "GPT-2 124M (0.2955)", "GPT-3 124M, its paper (0.337)"]
+    else:
+        assert shown["val"]["refs"] == [] and shown["hella"]["refs"] == []
+        assert shown["val"]["legend"] == ["run"] and shown["hella"]["legend"] == ["run"]
+
+
+def test_overlay_labels_runs_by_directory_in_distinct_colours(tmp_path, monkeypatch, capsys):
+    moliere = '{"data": "input/moliere.txt"}'
+    first = write(tmp_path / "log_moliere" / "log.txt", fake_run(60, config=moliere, hella=False))
+    second = write(tmp_path / "log_moliere_modern" / "log.txt", fake_run(60, 0.5, config=moliere, hella=False))
+    shown = run_main(monkeypatch, [str(first), str(second), "--out", str(tmp_path / "out")])
+    assert shown["train"]["runs"] == {"log_moliere (EMA 0.95)": "C0", "log_moliere_modern (EMA 0.95)": "C1"}
+    assert shown["val"]["runs"] == {"log_moliere": "C0", "log_moliere_modern": "C1"}
+    assert shown["val"]["legend"] == ["log_moliere", "log_moliere_modern"]  # and no GPT-2 line on Moliere
     out = capsys.readouterr().out
-    assert "hellaswag.png (no 'hella' records)" in out
-    assert_real_png(tmp_path / "out" / "hellaswag.png")  # still written: the baselines and a note
-    assert "nano | 3 steps, 3.00K tokens" in out and "HellaSwag" not in out.splitlines()[-1]
+    assert "\nlog_moliere | 60 steps" in out and "\nlog_moliere_modern | 60 steps" in out
 
 
-def test_missing_file_and_empty_log_are_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match=r"plot.py: error: no such log file: .*nope.txt"):
+def test_loss_axes_have_labelled_ticks_around_the_final_value(tmp_path, monkeypatch):
+    # a loss falling from 11 to 3.43: the final value must be readable off the axis, to about 0.1
+    lines = [f"{step} train {3.43 + 7.57 * np.exp(-step / 25):.6f}\n{step} val {3.43 + 7.57 * np.exp(-step / 25):.4f}"
+             for step in range(200)]
+    path = write(tmp_path / "run" / "log.txt", "\n".join(lines) + "\n")
+    shown = run_main(monkeypatch, [str(path), "--out", str(tmp_path / "out"), "--smooth", "0"])
+    final = plot.parse_log(path)["val"][199]
+    for kind in ("train", "val"):
+        ticks = [y for y, _ in shown[kind]["yticks"]]
+        assert all(float(text) == pytest.approx(y) for y, text in shown[kind]["yticks"])  # labels say their value
+        below, above = max(t for t in ticks if t <= final), min(t for t in ticks if t >= final)
+        assert 3 <= below < final < above <= 4 and above - below <= 0.25
+        # and across the whole range, up to the start at 11: no gap wider than a quarter of the value
+        assert max(ticks) >= 10 and max(b / a for a, b in itertools.pairwise(ticks)) <= 1.25
+
+
+def test_log_ticks_are_round_and_finer_at_the_low_end():
+    assert plot.log_ticks(3, 11) == [3, 3.2, 3.4, 3.6, 3.8, 4, 4.5, 5, 5.5, 6, 6.5, 7, 7.5, 8, 9, 10, 11]
+    assert plot.log_ticks(3.2, 3.6) == [3.2, 3.25, 3.3, 3.35, 3.4, 3.45, 3.5, 3.55, 3.6]  # not 21 ticks 0.02 apart
+    assert plot.log_ticks(5, 5) == [5]
+
+
+def test_metric_without_records_gets_no_png(tmp_path, monkeypatch, capsys):
+    path = write(tmp_path / "log" / "log.txt", NANOGPT.replace("0 hella 0.2490\n", ""))
+    out = tmp_path / "out"
+    shown = run_main(monkeypatch, [str(path), "--labels", "nano", "--out", str(out), "--tokens_per_step", "1000"])
+    assert not (out / "hellaswag.png").exists() and "hella" not in shown  # an empty plot would look broken
+    assert_real_png(out / "train_loss.png")
+    assert_real_png(out / "val_loss.png")
+    assert shown["val"]["legend"][0] == "nano"  # --labels wins over the directory name
+    printed = capsys.readouterr().out
+    assert f"no HellaSwag records: {out / 'hellaswag.png'} not written" in printed
+    assert "nano | 3 steps, 3.00K tokens" in printed and "HellaSwag" not in printed.splitlines()[-1]
+    # a log of val records only: no train_loss.png either
+    path = write(tmp_path / "val_only" / "log.txt", "0 val 10.9\n10 val 7.5\n")
+    plot.main([str(path), "--out", str(tmp_path / "out2")])
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["val_loss.png"]
+    assert "no train loss records" in capsys.readouterr().out
+
+
+def test_missing_file_and_empty_log_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="no such log file"):  # the library function raises; main reports
+        plot.parse_log(tmp_path / "nope.txt")
+    with pytest.raises(SystemExit) as exit_info:
         plot.main([str(tmp_path / "nope.txt"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"plot.py: error: no such log file: {tmp_path / 'nope.txt'}\n"
     empty = write(tmp_path / "log.txt", "# config {}\n\nnot a record\n")
-    with pytest.raises(SystemExit, match="plot.py: error: no train/val/hella records in"):
+    with pytest.raises(UserError, match="no train/val/hella records in"):
         plot.parse_log(empty)
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(empty), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"plot.py: error: no train/val/hella records in {empty}\n"
     assert not (tmp_path / "out").exists()  # failed before writing anything
 
 
