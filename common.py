@@ -35,6 +35,14 @@ def free_gb(path):
         return float("nan")
 
 
+@functools.cache
+def umask():
+    """This process's umask, read once (reading it means setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write, hint="", action="write"):
     """Call write(f) on a new temp file beside `path`, fsync it, then rename it to `path`.
 
@@ -42,16 +50,18 @@ def atomic_write(path, write, hint="", action="write"):
     predictable name is never followed or overwritten. Any failure (a full disk shows up as OSError, or as a
     RuntimeError from torch.save) removes the temp file and becomes one UserError that says how much is free.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path, tmp = Path(path), None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files: give it the mode open(path, "wb") would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk, not just in the page cache, before it gets its name
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [repr(e)])[0]
         if not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT):  # torch.save: RuntimeError
             reason += f"; {free_gb(path):.2f} GB free there"
@@ -74,9 +84,14 @@ def lock_directory(directory, program):
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"{directory} is in use by {holder}: wait for it to finish, or write elsewhere") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{program} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
-              .encode(), 0)
+    try:  # who holds it, for the message a second run gets
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{program} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
+                  .encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise UserError(f"cannot write into {directory} ({e.strerror}): free some space or choose another "
+                        f"directory") from None
     return fd  # keep it: closing the descriptor releases the lock
 
 
@@ -107,7 +122,8 @@ def download(url, path, sha256=None, timeout=60):
             raise OSError(f"sha256 {digest.hexdigest()} differs from the expected {sha256}")
 
     check = f"sha256sum {path} -> {sha256}" if sha256 else ""
-    atomic_write(path, fetch, action=f"download {url} to", hint=f". Fetch it by hand: curl -L {url} -o {path} {check}".rstrip())
+    hint = f". Fetch it by hand: curl -L {url} -o {path} {check}".rstrip()
+    atomic_write(path, fetch, action=f"download {url} to", hint=hint)
     return path
 
 

@@ -9,11 +9,12 @@ FineWeb-Edu -> GPT-2 token shards for train_gpt2.py (https://huggingface.co/data
 Writes {out}/{prefix}_{split}_{index:06d}.npy: numpy uint16 arrays of exactly --shard_size tokens (the last one
 may be shorter), shard 0 "val", the others "train", every document preceded by <|endoftext|>. The names and
 format are build-nanogpt's, so shards from either script work with either trainer.
-Interrupted (crash, Ctrl-C)? Run the same command again: finished shards are kept and it picks up from there.
+Interrupted (crash, Ctrl-C, full disk)? Run the same command again: finished shards are kept and it picks up from
+there. One run at a time per --out (a second is refused); a finished shard later deleted or cut short is made again.
 """
 import argparse
 import collections
-import glob
+import io
 import itertools
 import json
 import multiprocessing as mp
@@ -23,10 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
+
+from common import UserError, atomic_write, get_tokenizer, lock_directory
 
 SAMPLE_10BT_TOKENS = 10**10  # sample-10BT is ~10B GPT-2 tokens: the progress bar's total, for an ETA
 # ~1 MB of text (~250k tokens) per worker task: big enough that sending it between processes costs little next to
@@ -34,21 +37,12 @@ SAMPLE_10BT_TOKENS = 10**10  # sample-10BT is ~10B GPT-2 tokens: the progress ba
 BATCH_CHARS = 2**20
 
 # -----------------------------------------------------------------------------
-# tokenizer: one per process, created on first use (importing this file does no work)
-
-_encoder = None
-
-
-def encoder():
-    global _encoder
-    if _encoder is None:
-        _encoder = tiktoken.get_encoding("gpt2")
-    return _encoder
+# tokenizer: common.get_tokenizer(), one per process, created on first use (importing this file does no work)
 
 
 def tokenize(text):
     """One document -> its uint16 tokens, <|endoftext|> first: the token that delimits documents in a shard."""
-    enc = encoder()
+    enc = get_tokenizer()
     tokens = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint32)
     assert tokens.max() < 2**16, "a token id does not fit in uint16, the shards' dtype"
     return tokens.astype(np.uint16)
@@ -62,63 +56,68 @@ def tokenize_batch(texts):
 
 
 def init_worker():
-    # Ctrl-C reaches every process of the terminal; only the main process handles it (and stops the pool)
+    # Ctrl-C reaches every process of the terminal; only the main process handles it (and stops the pool).
+    # No tokenizer here: a pool restarts, forever, workers whose initializer fails. Forked workers inherit main's;
+    # spawned ones load it in their first task, whose errors reach main() like any other.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    encoder()
 
 # -----------------------------------------------------------------------------
 # documents: local .txt / .jsonl / .parquet files, or a Hugging Face dataset; a stream of strings in a fixed order
 
 
-def fail(message):
-    """Errors meant for the user: one line saying what is wrong and what to do, no traceback."""
-    raise SystemExit(f"fineweb.py: error: {message}")
+def text_of(value, where, field):
+    """A document's text, checked: a wrong --text_field or a null shows up here, named by file and line or row."""
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise UserError(f"{where}: '{field}' is {kind}, not a string; pick the text's field with --text_field")
+    return value
 
 
-def read_jsonl(path, text_field):
-    with open(path, "rb") as f:
+def read_jsonl(path, field):
+    with path.open("rb") as f:
         for line_number, line in enumerate(f, 1):
             if line.isspace():
                 continue  # blank lines are not documents
             try:
                 record = json.loads(line)
             except ValueError as e:  # not JSON, or not UTF-8
-                fail(f"{path}:{line_number}: not valid JSON ({e})")
-            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{path}:{line_number}: not valid JSON ({e}); fix or remove the line") from None
+            if not isinstance(record, dict) or field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else f"none, a {type(record).__name__}"
-                fail(f"{path}:{line_number}: no field '{text_field}' (fields: {fields}); pick one with --text_field")
-            yield record[text_field]
+                raise UserError(f"{path}:{line_number}: no field '{field}' (fields: {fields}); pick one with --text_field")
+            yield text_of(record[field], f"{path}:{line_number}", field)
 
 
-def read_parquet(path, text_field):
+def read_parquet(path, field):
     import pyarrow.parquet as pq
     try:
         parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as e:
-        fail(f"{path}: not a readable parquet file ({e})")
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        fail(f"{path}: no column '{text_field}' (columns: {', '.join(columns)}); pick one with --text_field")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):  # only the text is read
-        yield from batch.column(0).to_pylist()
+        columns = parquet.schema_arrow.names
+        if field not in columns:
+            raise UserError(f"{path}: no column '{field}' (columns: {', '.join(columns)}); pick one with --text_field")
+        rows = itertools.count(1)
+        for batch in parquet.iter_batches(batch_size=1024, columns=[field]):  # only the text is read
+            for value in batch.column(0).to_pylist():
+                yield text_of(value, f"{path}: row {next(rows)}", field)
+    except (OSError, ValueError) as e:  # a damaged file can fail at any row group (pyarrow's ArrowInvalid: ValueError)
+        raise UserError(f"{path}: not a readable parquet file ({e}); replace it with a good copy") from None
 
 
-def local_documents(paths, text_field, skip):
+def local_documents(paths, field, skip):
     """The documents of the files in order, less the first `skip` (a resumed run's finished ones)."""
     def all_documents():
-        for path in paths:
+        for path in map(Path, paths):
             try:
-                if path.endswith(".txt"):
-                    with open(path, encoding="utf-8") as f:
-                        yield f.read()  # the whole file is one document
-                elif path.endswith(".jsonl"):
-                    yield from read_jsonl(path, text_field)
+                if path.suffix == ".txt":
+                    yield path.read_text(encoding="utf-8")  # the whole file is one document
+                elif path.suffix == ".jsonl":
+                    yield from read_jsonl(path, field)
                 else:
-                    yield from read_parquet(path, text_field)
+                    yield from read_parquet(path, field)
             except OSError as e:
-                fail(f"cannot read {path} ({e.strerror or e})")
+                raise UserError(f"cannot read {path} ({e.strerror or e})") from None
             except UnicodeDecodeError as e:
-                fail(f"{path}: not UTF-8 text ({e})")
+                raise UserError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from None
     return itertools.islice(all_documents(), skip, None)
 
 
@@ -128,23 +127,23 @@ def hub_documents(args, skip):
     # streaming: parquet files are read over the network as we go. Both give the documents in the same order.
     try:
         ds = datasets.load_dataset(args.dataset, name=args.name, split="train", streaming=args.streaming)
-    except Exception as e:  # no network, no such dataset or configuration, ...: datasets' message says which
-        fail(f"cannot load {args.dataset} (--name {args.name}): {type(e).__name__}: {e}".replace("\n", " "))
+    except Exception as e:  # noqa: BLE001 -- no network, no such dataset or configuration...: its message says which
+        raise UserError(f"cannot load {args.dataset} (--name {args.name}): {type(e).__name__}: {e}") from None
     if ds.column_names is not None and args.text_field not in ds.column_names:
-        fail(f"{args.dataset} has no column '{args.text_field}' (columns: {', '.join(ds.column_names)}); "
-             f"pick one with --text_field")
+        raise UserError(f"{args.dataset} has no column '{args.text_field}' (columns: {', '.join(ds.column_names)}); "
+                        f"pick one with --text_field")
     # skip() on a stream still reads the skipped documents (not tokenizing them is what saves the time)
     ds = ds.select_columns([args.text_field]).skip(skip)
+    index = itertools.count(skip)
     for batch in ds.iter(batch_size=1024):
-        yield from batch[args.text_field]
+        for value in batch[args.text_field]:
+            yield text_of(value, f"{args.dataset} document {next(index)}", args.text_field)
 
 
 def batches(documents):
     """Lists of documents holding BATCH_CHARS of text: the workers' tasks."""
     batch, size = [], 0
     for text in documents:
-        if not isinstance(text, str):
-            fail(f"a document's text is {type(text).__name__}, not a string; check --text_field")
         batch.append(text)
         size += len(text)
         if size >= BATCH_CHARS:
@@ -161,31 +160,35 @@ def ordered_map(pool, fn, tasks, depth):
     for task in tasks:
         pending.append(pool.apply_async(fn, (task,)))
         if len(pending) >= depth:
-            yield pending.popleft().get()
+            yield pending.popleft().get()  # an exception raised in the worker is raised again here
     while pending:
         yield pending.popleft().get()
 
 # -----------------------------------------------------------------------------
-# output: shards and manifest, each written to a temp name and then renamed, so a crash never leaves a torn file
+# output: shards and manifest, each written by common.atomic_write (a fresh temp name, synced, renamed), so a crash
+# or a full disk never leaves a torn file; the manifest lists the finished shards and where the next one starts
 
 
-def atomic_write(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible, even across a power cut
-    os.replace(path + ".tmp", path)
+def save(path, write):
+    atomic_write(path, write, hint=". Free some space and run the same command again: finished shards are kept")
 
 
 def save_manifest(out, manifest):
-    atomic_write(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    save(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def npy_size(n_tokens):
+    """Bytes of np.save's file of n uint16 tokens: its header (128 bytes here), then 2 bytes per token."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<u2", "fortran_order": False, "shape": (n_tokens,)})
+    return header.tell() + 2 * n_tokens
 
 
 def run_config(args):
     """What decides the shards' bytes: resuming is only allowed with the same. (Not --workers: the output does
     not depend on it; not --streaming: both modes read the same documents in the same order.)"""
     if args.input:
-        source = {"input": [[os.path.abspath(p), os.path.getsize(p)] for p in args.input]}
+        source = {"input": [[str(path.absolute()), path.stat().st_size] for path in args.input]}
     else:
         source = {"dataset": args.dataset, "name": args.name}
     return {**source, "text_field": args.text_field, "prefix": args.prefix, "shard_size": args.shard_size,
@@ -194,28 +197,43 @@ def run_config(args):
 
 def load_manifest(out, config):
     """The manifest of an earlier run of this configuration in `out`, or a new one; refuses to mix runs."""
-    path = os.path.join(out, "manifest.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            manifest = json.load(f)
+    path = out / "manifest.json"
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({e}): delete {out} to start over, or use another --out") from None
         old = manifest.get("config", {})
         changed = [f"{key} {old.get(key)!r} there, {config.get(key)!r} now"
                    for key in sorted(set(old) | set(config)) if old.get(key) != config.get(key)]
         if not changed:
-            return manifest
+            return intact_part(out, manifest)
         if manifest.get("shards"):
-            fail(f"{out} holds shards of another configuration ({'; '.join(changed)}): use another --out, "
-                 f"or delete {out} to start over")
-    elif glob.glob(os.path.join(out, "*.npy")):
-        fail(f"{out} holds .npy files but no manifest.json from fineweb.py: use another --out, or delete them")
+            raise UserError(f"{out} holds shards of another configuration ({'; '.join(changed)}): use another --out, "
+                            f"or delete {out} to start over")
+    elif any(out.glob("*.npy")):
+        raise UserError(f"{out} holds .npy files but no manifest.json from fineweb.py: use another --out, or delete them")
     return {"config": config, "shards": [], "complete": False}
+
+
+def intact_part(out, manifest):
+    """The manifest cut back before its first shard that is missing or of the wrong size (deleted, truncated): the
+    run resumes there and makes it and the later ones again, byte for byte. Sizes only: checksums take minutes."""
+    for index, shard in enumerate(manifest["shards"]):
+        path, expected = out / shard["file"], npy_size(shard["tokens"])
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            problem = "is missing" if size is None else f"has {size:,} bytes, not {expected:,}"
+            print(f"{path} {problem}: making shards {index} to the end again")
+            return {"config": manifest["config"], "shards": manifest["shards"][:index], "complete": False}
+    return manifest
 
 
 def finish_shard(out, manifest, tokens, next_doc, next_doc_offset):
     index = len(manifest["shards"])
     split = "val" if index == 0 else "train"  # build-nanogpt's convention: the first shard is the validation set
     name = f"{manifest['config']['prefix']}_{split}_{index:06d}.npy"
-    atomic_write(os.path.join(out, name), lambda f: np.save(f, tokens))
+    save(out / name, lambda f: np.save(f, tokens))
     manifest["shards"].append({"file": name, "tokens": len(tokens),
                                "next_doc": int(next_doc), "next_doc_offset": int(next_doc_offset)})
     save_manifest(out, manifest)  # the shard counts as finished only once the manifest says so
@@ -260,7 +278,7 @@ def benchmark(files, text_field="text", workers=None):
     encode_ordinary rate on the same documents, times the number of workers, with no I/O at all."""
     workers = workers or os.cpu_count()
     texts = list(local_documents(files, text_field, 0))  # also puts the files in the OS cache for the run below
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_tokenizer()
 
     def single_core_rate():
         start = time.perf_counter()
@@ -270,8 +288,10 @@ def benchmark(files, text_field="text", workers=None):
     tokens, rate_before = single_core_rate()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--input", *files, "--text_field", text_field,
-                        "--out", out, "--shard_size", str(10**7), "--workers", str(workers)], check=True)
+        run = subprocess.run([sys.executable, Path(__file__).resolve(), "--input", *files, "--text_field", text_field,
+                              "--out", out, "--shard_size", str(10**7), "--workers", str(workers)], check=False)
+        if run.returncode:
+            raise UserError("the benchmark's run of fineweb.py failed (its error is above)")
         seconds = time.perf_counter() - start
     ceiling = max(rate_before, single_core_rate()[1]) * workers  # the better of two: shared machines are noisy
     return {"tokens": tokens, "workers": workers, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
@@ -283,10 +303,10 @@ def parse_args(argv):
     parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset")
     parser.add_argument("--name", default="sample-10BT", help="its configuration (sample-10BT, sample-100BT, ...)")
     parser.add_argument("--streaming", action="store_true", help="tokenize while downloading, store no dataset")
-    parser.add_argument("--input", nargs="+", metavar="FILE",
+    parser.add_argument("--input", nargs="+", type=Path, metavar="FILE",
                         help="local .txt (one document per file), .jsonl or .parquet files instead of the hub")
     parser.add_argument("--text_field", default="text", help="the field (column) holding each document's text")
-    parser.add_argument("--out", help="output directory (default: edu_fineweb10B beside this script)")
+    parser.add_argument("--out", type=Path, help="output directory (default: edu_fineweb10B beside this script)")
     parser.add_argument("--prefix", default="edufineweb", help="shard names: {prefix}_{val|train}_{index:06d}.npy")
     parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (10**8: 200 MB files)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
@@ -296,11 +316,16 @@ def parse_args(argv):
         parser.error("--shard_size and --workers must be at least 1")
     if args.benchmark and not args.input:
         parser.error("--benchmark needs local files: --input FILE...")
+    problems = []  # every unusable file at once, before any work
     for path in args.input or []:
-        if not os.path.isfile(path):
-            parser.error(f"--input {path}: no such file")
-        if not path.endswith((".txt", ".jsonl", ".parquet")):
-            parser.error(f"--input {path}: unknown file type; use .txt (one document), .jsonl or .parquet")
+        if path.is_dir():
+            problems.append(f"--input {path}: a directory; pass the files in it")
+        elif not path.is_file():
+            problems.append(f"--input {path}: no such file")
+        elif path.suffix not in (".txt", ".jsonl", ".parquet"):
+            problems.append(f"--input {path}: unknown file type; use .txt (one document), .jsonl or .parquet")
+    if problems:
+        raise UserError("; ".join(problems))
     return args
 
 
@@ -310,47 +335,60 @@ def make_shards(pool, args, out, manifest):
     documents = local_documents(args.input, args.text_field, skip) if args.input else hub_documents(args, skip)
     first = next(documents, None)  # an empty input fails here, before anything is written
     if first is None and not shards:
-        fail("the input holds no documents")
+        raise UserError("the input holds no documents")
     documents = itertools.chain([] if first is None else [first], documents)
-    os.makedirs(out, exist_ok=True)
-    for path in glob.glob(os.path.join(out, f"{args.prefix}_*.npy.tmp")):
-        os.remove(path)  # the half-written shard of an interrupted run
+    # the temp files (.{name}.XXXXXXXX.tmp) of a killed run: no other run writes here while we hold the lock
+    for temp in [*out.glob(f".{args.prefix}_*.npy.*.tmp"), *out.glob(".manifest.json.*.tmp")]:
+        temp.unlink()
     save_manifest(out, manifest)  # before any shard, so shards in `out` always come with their manifest
     total = SAMPLE_10BT_TOKENS if not args.input and args.name == "sample-10BT" else None
     done = sum(shard["tokens"] for shard in shards)
-    with tqdm(total=total, initial=done, unit="tok", unit_scale=True, desc=os.path.basename(out)) as bar:
+    with tqdm(total=total, initial=done, unit="tok", unit_scale=True, desc=out.name) as bar:
         # 4 tasks in flight per worker: enough that none waits while the main process reads the next batch
         results = ordered_map(pool, tokenize_batch, batches(documents), depth=4 * args.workers)
         write_shards(results, out, manifest, bar)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.benchmark:
-        print(json.dumps(benchmark(args.input, args.text_field, args.workers)))
-        return
+def make_dataset(args):
     # the default lands beside this script, where train_gpt2.py looks; a --out of the user's is relative to the cwd
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B")
-    manifest = load_manifest(out, run_config(args))
-    shards = manifest["shards"]
-    if manifest["complete"]:
-        print(f"{out} is already complete: {len(shards)} shards, {manifest['tokens']:,} tokens")
-        return
+    out = args.out or Path(__file__).resolve().parent / "edu_fineweb10B"
+    config = run_config(args)
+    # one run per directory: two would write the same shards and manifest. Taken before the manifest is read, and
+    # held (by the workers too, which inherit it) until this run's processes end, however they end.
+    lock = lock_directory(out, "fineweb.py")
     try:
-        encoder()  # here first: the pool would restart, forever, workers that cannot load it (say, offline)
-    except Exception as e:
-        fail(f"could not load GPT-2's tokenizer ({type(e).__name__}): tiktoken fetches it on first use; connect "
-             f"once, or point TIKTOKEN_CACHE_DIR at a copy of its cache")
+        manifest = load_manifest(out, config)
+        shards = manifest["shards"]
+        if manifest["complete"]:
+            print(f"{out} is already complete: {len(shards)} shards, {manifest['tokens']:,} tokens")
+            return
+        get_tokenizer()  # here first: an offline machine fails now, and forked workers inherit it loaded
+        try:
+            # the pool starts before any input is opened: forking once `datasets` runs download threads is unsafe
+            with mp.Pool(args.workers, initializer=init_worker) as pool:
+                make_shards(pool, args, out, manifest)
+        except KeyboardInterrupt:
+            raise UserError(f"interrupted with {len(shards)} shards finished; run the same command again to "
+                            f"continue") from None
+        manifest["complete"], manifest["tokens"] = True, sum(shard["tokens"] for shard in shards)
+        manifest["documents"] = shards[-1]["next_doc"]
+        save_manifest(out, manifest)
+        print(f"wrote {len(shards)} shards ({manifest['tokens']:,} tokens, {manifest['documents']:,} documents) "
+              f"to {out}")
+    finally:
+        os.close(lock)
+
+
+def main(argv=None):
     try:
-        # the pool starts before any input is opened: forking once `datasets` runs download threads is unsafe
-        with mp.Pool(args.workers, initializer=init_worker) as pool:
-            make_shards(pool, args, out, manifest)
-    except KeyboardInterrupt:
-        fail(f"interrupted with {len(shards)} shards finished; run the same command again to continue")
-    manifest["complete"], manifest["tokens"] = True, sum(shard["tokens"] for shard in shards)
-    manifest["documents"] = shards[-1]["next_doc"]
-    save_manifest(out, manifest)
-    print(f"wrote {len(shards)} shards ({manifest['tokens']:,} tokens, {manifest['documents']:,} documents) to {out}")
+        args = parse_args(argv)
+        if args.benchmark:
+            print(json.dumps(benchmark(args.input, args.text_field, args.workers)))
+        else:
+            make_dataset(args)
+    except UserError as e:  # the one place an error meant for the user becomes a line (workers' errors included)
+        print("fineweb.py: error:", " ".join(str(e).splitlines()), file=sys.stderr)  # some of pyarrow's span lines
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""fineweb.py: exact token streams, shard names and sizes, worker-independence, resume, bad inputs."""
+"""fineweb.py: exact token streams, shard names and sizes, worker-independence, resume, bad inputs, one run per
+--out, full disks and damaged output directories."""
+import errno
 import json
 import multiprocessing
 import os
@@ -13,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
+import common
 import fineweb
 
 ROOT = Path(fineweb.__file__).resolve().parent
@@ -36,9 +39,8 @@ def expected_tokens(docs):
 
 
 def write_jsonl(path, docs, field="text"):
-    with open(path, "w", encoding="utf-8") as f:
-        for i, doc in enumerate(docs):
-            f.write(json.dumps({"id": i, field: doc}, ensure_ascii=False) + "\n")
+    Path(path).write_text("".join(json.dumps({"id": i, field: doc}, ensure_ascii=False) + "\n"
+                                  for i, doc in enumerate(docs)), encoding="utf-8")
     return str(path)
 
 
@@ -54,12 +56,21 @@ def run(inputs, out, *extra, workers=1, shard_size=SHARD):
 
 def shard_files(out):
     """The shards in index order (by name, train would come before val)."""
-    return sorted((p for p in os.listdir(out) if p.endswith(".npy")), key=lambda name: name.split("_")[-1])
+    return sorted((p.name for p in Path(out).glob("*.npy")), key=lambda name: name.split("_")[-1])
 
 
 def read_dir(out):
-    """Every file in `out` (shards and manifest) -> its bytes, to compare whole runs byte for byte."""
-    return {name: (Path(out) / name).read_bytes() for name in sorted(os.listdir(out))}
+    """Every file in `out` (shards, manifest, any leftover temp file) -> its bytes, to compare whole runs byte for
+    byte; not the lock, whose text names the process that last held it."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir()) if p.name != ".lock"}
+
+
+def npy_file(tokens):
+    """The bytes of a .npy file of uint16 tokens built from the format's specification (version 1.0), not by numpy:
+    magic, version, header length, a header dict padded with spaces to a multiple of 64 bytes, then the data."""
+    header = f"{{'descr': '<u2', 'fortran_order': False, 'shape': ({len(tokens)},), }}"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + tokens.astype("<u2").tobytes()
 
 
 def concatenated(out):
@@ -96,11 +107,12 @@ def test_tokenize_is_eot_then_encode_ordinary():
 
 
 def test_import_does_no_work():
-    code = "import sys, fineweb; assert fineweb._encoder is None; assert 'datasets' not in sys.modules"
+    code = ("import sys, fineweb; assert fineweb.get_tokenizer.cache_info().currsize == 0; "
+            "assert not {'tiktoken', 'datasets', 'pyarrow'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_jsonl_shards_hold_every_document_in_order(docs, reference, tmp_path):
+def test_jsonl_shards_hold_every_document_in_order(docs, reference):
     path, files = reference
     out = Path(path).parent / "out"
     tokens = expected_tokens(docs)
@@ -111,9 +123,10 @@ def test_jsonl_shards_hold_every_document_in_order(docs, reference, tmp_path):
     assert sizes == [SHARD] * (n_shards - 1) + [len(tokens) - SHARD * (n_shards - 1)]
     assert np.load(out / "edufineweb_val_000000.npy").dtype == np.uint16
     assert np.array_equal(concatenated(out), tokens)
-    # byte for byte what build-nanogpt's np.save(filename, tokens_np) writes: its shards and ours are interchangeable
-    np.save(tmp_path / "edufineweb_val_000000", tokens[:SHARD])
-    assert (tmp_path / "edufineweb_val_000000.npy").read_bytes() == files["edufineweb_val_000000.npy"]
+    # byte for byte the .npy format (version 1.0, little-endian uint16) that build-nanogpt's np.save(filename,
+    # tokens_np) writes: its shards and ours are interchangeable
+    for i, name in enumerate(shard_files(out)):
+        assert files[name] == npy_file(tokens[i * SHARD:(i + 1) * SHARD])
     # the manifest's resume points: shard i ends next_doc_offset tokens into document next_doc
     manifest = json.loads(files["manifest.json"])
     assert manifest["complete"] and manifest["tokens"] == len(tokens) and manifest["documents"] == len(docs)
@@ -170,14 +183,17 @@ def interrupt_after(monkeypatch, n_shards):
 
 
 @pytest.mark.parametrize("n_shards", [1, 8])
-def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path, monkeypatch, n_shards):
+def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path, monkeypatch, capsys, n_shards):
     path, files = reference
     with monkeypatch.context() as patch:
         interrupt_after(patch, n_shards)
-        with pytest.raises(SystemExit, match=f"{n_shards} shards finished; run the same command again"):
-            run([path], tmp_path / "out", workers=2)
+        message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", str(SHARD),
+                                    "--workers", "2"])
+    assert f"interrupted with {n_shards} shards finished; run the same command again to continue" in message
     assert len(shard_files(tmp_path / "out")) == n_shards
-    (tmp_path / "out" / f"edufineweb_train_{n_shards:06d}.npy.tmp").write_bytes(b"torn")  # a crash's partial shard
+    # what a crash leaves: atomic_write's temp files of a partial shard and manifest
+    (tmp_path / "out" / f".edufineweb_train_{n_shards:06d}.npy.k3v9x_q1.tmp").write_bytes(b"torn")
+    (tmp_path / "out" / ".manifest.json.0ab_cd12.tmp").write_bytes(b"{")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     first_texts = []
     batches = fineweb.batches
@@ -190,19 +206,19 @@ def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path,
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 def test_resume_after_a_hard_kill(reference, tmp_path):
-    # the process and its workers die with SIGKILL while writing the fourth shard: no clean-up runs at all
+    # the process and its workers die with SIGKILL half-way through writing the fourth shard: no clean-up runs
     path, files = reference
     script = """if True:
         import os, signal, sys, fineweb
         fineweb.BATCH_CHARS = 500
-        finish_shard = fineweb.finish_shard
-        def finish_or_die(out, manifest, tokens, *rest):
-            if len(manifest["shards"]) == 3:
-                with open(os.path.join(out, "edufineweb_train_000003.npy.tmp"), "wb") as f:
-                    f.write(tokens[:10].tobytes())
+        atomic_write = fineweb.atomic_write
+        def write_or_die(path, write, **kwargs):
+            def torn(f):
+                f.write(b"torn")
+                f.flush()
                 os.killpg(0, signal.SIGKILL)
-            finish_shard(out, manifest, tokens, *rest)
-        fineweb.finish_shard = finish_or_die
+            return atomic_write(path, torn if path.name == "edufineweb_train_000003.npy" else write, **kwargs)
+        fineweb.atomic_write = write_or_die
         fineweb.main(sys.argv[1:])
     """
     args = ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", str(SHARD), "--workers", "2"]
@@ -210,6 +226,8 @@ def test_resume_after_a_hard_kill(reference, tmp_path):
                             capture_output=True, check=False)
     assert killed.returncode == -9
     assert len(shard_files(tmp_path / "out")) == 3
+    assert len(list((tmp_path / "out").glob(".edufineweb_train_000003.npy.*.tmp"))) == 1  # the torn temp file
+    # the lock died with the processes: the rerun is not refused
     subprocess.run([sys.executable, "fineweb.py", *args], cwd=ROOT, check=True, capture_output=True)
     assert read_dir(tmp_path / "out") == files
 
@@ -217,10 +235,10 @@ def test_resume_after_a_hard_kill(reference, tmp_path):
 def test_rerun_of_a_complete_run_changes_nothing(reference, tmp_path, capsys):
     path, _ = reference
     run([path], tmp_path / "out")
-    times = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    times = {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in read_dir(tmp_path / "out")}
     run([path], tmp_path / "out")
     assert "already complete" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == times
+    assert {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in read_dir(tmp_path / "out")} == times
 
 
 def test_spawn_start_method_gives_the_same_shards(reference, tmp_path):
@@ -255,13 +273,16 @@ def test_benchmark_reports_our_rate_and_the_ceiling(reference):
     assert result["ratio"] == pytest.approx(result["tokens_per_s"] / result["ceiling_tokens_per_s"], abs=1e-3)
 
 
-def test_default_out_is_beside_the_script(tmp_path, monkeypatch):
+def test_default_out_is_beside_the_script(tmp_path, monkeypatch, capsys):
     seen = []
+
+    def lock_directory(out, program):  # the first thing done with `out`: stop there, before the directory is made
+        seen.append(out)
+        raise common.UserError("stop")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fineweb, "load_manifest", lambda out, config: seen.append(out) or fineweb.fail("stop"))
-    with pytest.raises(SystemExit):
-        fineweb.main(["--input", write_jsonl(tmp_path / "d.jsonl", ["x"])])
-    assert seen == [str(ROOT / "edu_fineweb10B")]
+    monkeypatch.setattr(fineweb, "lock_directory", lock_directory)
+    assert error_of(capsys, ["--input", write_jsonl(tmp_path / "d.jsonl", ["x"])]) == "fineweb.py: error: stop"
+    assert seen == [ROOT / "edu_fineweb10B"]
 
 
 # -----------------------------------------------------------------------------
@@ -269,7 +290,7 @@ def test_default_out_is_beside_the_script(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_hub_dataset_and_its_resume(docs, reference, tmp_path, monkeypatch, streaming):
+def test_hub_dataset_and_its_resume(docs, reference, tmp_path, monkeypatch, capsys, streaming):
     datasets = pytest.importorskip("datasets")
     _, files = reference
     calls = []
@@ -283,26 +304,26 @@ def test_hub_dataset_and_its_resume(docs, reference, tmp_path, monkeypatch, stre
     argv += ["--streaming"] if streaming else []
     with monkeypatch.context() as patch:
         interrupt_after(patch, 5)
-        with pytest.raises(SystemExit, match="run the same command again"):
-            fineweb.main(argv)
+        assert "run the same command again" in error_of(capsys, argv)
     fineweb.main(argv)
     assert calls[0] == ("HuggingFaceFW/fineweb-edu", {"name": "sample-10BT", "split": "train",
                                                       "streaming": streaming})
     assert {n: d for n, d in read_dir(tmp_path / "out").items() if n.endswith(".npy")} == \
         {n: d for n, d in files.items() if n.endswith(".npy")}
-    with pytest.raises(SystemExit, match=r"no column 'body' \(columns: text, id\)"):
-        fineweb.main(argv[:1] + [str(tmp_path / "other")] + argv[2:] + ["--text_field", "body"])
+    message = error_of(capsys, argv[:1] + [str(tmp_path / "other")] + argv[2:] + ["--text_field", "body"])
+    assert "no column 'body' (columns: text, id)" in message
 
 
-def test_hub_failure_is_one_line(tmp_path, monkeypatch):
+def test_hub_failure_is_one_line(tmp_path, monkeypatch, capsys):
     datasets = pytest.importorskip("datasets")
 
     def load_dataset(path, **kwargs):
-        raise ConnectionError(f"Couldn't reach '{path}' on the Hub")
+        raise ConnectionError(f"Couldn't reach '{path}'\non the Hub")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(SystemExit, match="cannot load HuggingFaceFW/fineweb-edu .--name sample-10BT.: ConnectionError"):
-        fineweb.main(["--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
+    message = error_of(capsys, ["--out", str(tmp_path / "out")])
+    assert message.endswith("cannot load HuggingFaceFW/fineweb-edu (--name sample-10BT): ConnectionError: "
+                            "Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")
+    assert read_dir(tmp_path / "out") == {}  # nothing written (but the lock)
 
 
 # -----------------------------------------------------------------------------
@@ -310,11 +331,15 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
 
 
 def error_of(capsys, argv):
+    """main(argv) fails as the user sees it: exit status 1 and one line on stderr (after the progress bar, if any)."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as error:
         fineweb.main(argv)
-    message = str(error.value.code) if isinstance(error.value.code, str) else capsys.readouterr().err
-    assert "Traceback" not in message
-    return message.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert error.value.code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # tqdm ends its bar with a newline
+    assert line.startswith("fineweb.py: error: ")
+    return line
 
 
 def test_missing_text_field_names_the_fields(tmp_path, capsys):
@@ -329,7 +354,8 @@ def test_missing_text_field_names_the_fields(tmp_path, capsys):
 @pytest.mark.parametrize("name, content, expected", [
     ("bad.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n', "bad.jsonl:4: not valid JSON"),
     ("bad.jsonl", b'{"text": "a"}\n["a list"]\n', "bad.jsonl:2: no field 'text' (fields: none, a list)"),
-    ("bad.jsonl", b'{"text": "a"}\n{"text": null}\n', "a document's text is NoneType, not a string"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": null}\n', "bad.jsonl:2: 'text' is null, not a string; pick the text's"),
+    ("bad.jsonl", b'{"text": ["a"]}\n', "bad.jsonl:1: 'text' is list, not a string"),
     ("bad.jsonl", b'{"text": "\xff"}\n', "bad.jsonl:1: not valid JSON"),
     ("bad.txt", b"caf\xe9", "bad.txt: not UTF-8 text"),
     ("bad.parquet", b"not parquet at all", "bad.parquet: not a readable parquet file"),
@@ -339,13 +365,34 @@ def test_missing_text_field_names_the_fields(tmp_path, capsys):
 def test_bad_files(tmp_path, capsys, name, content, expected):
     (tmp_path / name).write_bytes(content)
     assert expected in error_of(capsys, ["--input", str(tmp_path / name), "--out", str(tmp_path / "out")])
-    if name in ("empty.jsonl", "notes.csv"):
-        assert not (tmp_path / "out").exists()  # checked before anything is written
+    if name == "notes.csv":
+        assert not (tmp_path / "out").exists()  # checked before anything is done
+    if name == "empty.jsonl":
+        assert read_dir(tmp_path / "out") == {}  # nothing written (but the lock)
 
 
-def test_missing_file(tmp_path, capsys):
-    message = error_of(capsys, ["--input", str(tmp_path / "nowhere.jsonl"), "--out", str(tmp_path / "o")])
-    assert "nowhere.jsonl: no such file" in message
+def test_parquet_problems_name_the_file_and_row(tmp_path, capsys):
+    parquet = write_parquet(tmp_path / "d.parquet", ["a", "b", None, "d"])
+    message = error_of(capsys, ["--input", parquet, "--out", str(tmp_path / "o")])
+    assert message.endswith(f"{parquet}: row 3: 'text' is null, not a string; pick the text's field with --text_field")
+    assert f"{parquet}: row 1: 'id' is int" in error_of(capsys, ["--input", parquet, "--text_field", "id", "--out",
+                                                                 str(tmp_path / "o")])
+    # a damaged page in the middle of a file whose footer is intact: pyarrow fails there, with a two-line message
+    parquet = write_parquet(tmp_path / "damaged.parquet", make_docs())
+    data = bytearray(Path(parquet).read_bytes())
+    page = pq.ParquetFile(parquet).metadata.row_group(5).column(1).data_page_offset
+    data[page:page + 64] = b"\xab" * 64
+    Path(parquet).write_bytes(data)
+    assert f"{parquet}: not a readable parquet file (" in error_of(capsys, ["--input", parquet, "--out",
+                                                                            str(tmp_path / "o")])
+
+
+def test_missing_files_and_directories_are_all_named(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    message = error_of(capsys, ["--input", str(tmp_path / "nowhere.jsonl"), str(tmp_path / "docs"), "--out",
+                                str(tmp_path / "o")])
+    assert f"--input {tmp_path}/nowhere.jsonl: no such file; --input {tmp_path}/docs: a directory" in message
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_dir_of_another_configuration_is_refused(reference, tmp_path, capsys):
@@ -364,3 +411,117 @@ def test_out_dir_with_foreign_shards_is_refused(reference, tmp_path, capsys):
     np.save(tmp_path / "out" / "edufineweb_val_000000.npy", np.zeros(10, dtype=np.uint16))
     message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out")])
     assert "holds .npy files but no manifest.json from fineweb.py" in message
+
+
+def test_unreadable_manifest_is_one_line(reference, tmp_path, capsys):
+    path, _ = reference
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text('{"config": ')
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out")])
+    assert f"cannot read {tmp_path}/out/manifest.json (Expecting value" in message
+    assert message.endswith(f"delete {tmp_path}/out to start over, or use another --out")
+
+
+def tokenize_batch_failing(texts):
+    raise common.UserError("raised in a worker")
+
+
+def test_an_error_raised_in_a_worker_is_one_line(reference, tmp_path, monkeypatch, capsys):
+    path, _ = reference
+    monkeypatch.setattr(fineweb, "tokenize_batch", tokenize_batch_failing)  # forked workers see the patch
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--workers", "2"])
+    assert message == "fineweb.py: error: raised in a worker"
+
+# -----------------------------------------------------------------------------
+# the output directory: one run at a time, temp files, full or unwritable disks, shards deleted afterwards
+
+
+def test_a_second_run_into_the_same_out_is_refused(reference, tmp_path, capsys):
+    path, files = reference
+    out = tmp_path / "out"
+    # flock locks belong to an open file description: this process's own second open is refused like another's
+    held = common.lock_directory(out, "the-test")
+    try:
+        message = error_of(capsys, ["--input", path, "--out", str(out), "--shard_size", str(SHARD)])
+    finally:
+        os.close(held)
+    assert f"{out} is in use by the-test (pid {os.getpid()} on " in message
+    assert message.endswith("wait for it to finish, or write elsewhere")
+    assert read_dir(out) == {}  # nothing written
+    run([path], out)  # released: the run goes ahead, and releases the lock in turn
+    run([path], out)
+    assert read_dir(out) == files
+
+
+def test_temp_files_never_follow_links(reference, tmp_path):
+    # links planted where the temp files of earlier versions went (predictable names) lead nowhere now
+    path, files = reference
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "out").mkdir()
+    planted = ["manifest.json.tmp", "edufineweb_val_000000.npy.tmp", "edufineweb_train_000001.npy.tmp"]
+    for name in planted:
+        (tmp_path / "out" / name).symlink_to(victim)
+    run([path], tmp_path / "out")
+    assert victim.read_bytes() == b"precious"
+    assert {name: data for name, data in read_dir(tmp_path / "out").items() if name not in planted} == files
+
+
+def test_unwritable_out_is_one_line(reference, tmp_path, capsys):
+    # a path under a regular file: unwritable even for root (a chmod 0o500 directory does not stop root)
+    path, _ = reference
+    (tmp_path / "file").write_text("")
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "file" / "out")])
+    assert message.endswith(f"cannot write into {tmp_path}/file/out (Not a directory): choose a writable directory")
+
+
+@pytest.mark.parametrize("full_at", ["manifest.json", "edufineweb_train_000003.npy", "manifest.json after shard 3"])
+def test_full_disk_keeps_what_is_finished_and_the_rerun_completes(reference, tmp_path, monkeypatch, capsys, full_at):
+    # the disk fills up part-way through writing the first manifest, the fourth shard, or the manifest listing it
+    path, files = reference
+    out = tmp_path / "out"
+    atomic_write = fineweb.atomic_write
+
+    def write_until_full(target, write, **kwargs):
+        def fill(f):
+            f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        name = target.name + (" after shard 3" if (out / "edufineweb_train_000003.npy").exists() else "")
+        return atomic_write(target, fill if name == full_at else write, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(fineweb, "atomic_write", write_until_full)
+        message = error_of(capsys, ["--input", path, "--out", str(out), "--shard_size", str(SHARD)])
+    assert f"could not write {out}/{full_at.split()[0]} (No space left on device; " in message
+    assert message.endswith("GB free there). Free some space and run the same command again: finished shards are kept")
+    assert not [name for name in read_dir(out) if name.endswith(".tmp")]  # no temp file left
+    # the manifest on disk is whole and lists whole shards: those finished before the disk filled up
+    listed = json.loads(files["manifest.json"])["shards"][:0 if full_at == "manifest.json" else 3]
+    if listed:
+        assert json.loads((out / "manifest.json").read_text())["shards"] == listed
+    assert all((out / shard["file"]).read_bytes() == files[shard["file"]] for shard in listed)
+    run([path], out)  # space freed
+    assert read_dir(out) == files
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_deleted_or_truncated_shard_is_made_again(reference, tmp_path, capsys, damage):
+    path, files = reference
+    out = tmp_path / "out"
+    run([path], out)
+    shard = out / "edufineweb_train_000005.npy"
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])  # an interrupted copy, say
+    before = {name: (out / name).stat().st_mtime_ns for name in shard_files(out)[:5]}
+    capsys.readouterr()
+    run([path], out)
+    problem = "is missing" if damage == "deleted" else f"has 1,000 bytes, not {fineweb.npy_size(SHARD):,}"
+    assert f"{shard} {problem}: making shards 5 to the end again" in capsys.readouterr().out
+    assert read_dir(out) == files
+    assert {name: (out / name).stat().st_mtime_ns for name in shard_files(out)[:5]} == before  # not rewritten
+
+
+def test_npy_size_is_the_size_of_np_saves_file():
+    for n in [0, 1, 999, 1000, 10**8]:
+        assert fineweb.npy_size(n) == len(npy_file(np.zeros(min(n, 1000), np.uint16))) + 2 * (n - min(n, 1000))
