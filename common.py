@@ -223,7 +223,8 @@ def save_hf_tokenizer(directory, vocab_size=EOT + 1, model_max_length=None):
     converter = TikTokenConverter(pattern=encoding._pat_str, extra_special_tokens=encoding._special_tokens)
     converter.load_tiktoken_bpe = lambda _: encoding._mergeable_ranks
     backend = converter.converted()
-    # GPT2TokenizerFast saves "tokenizer_class": "GPT2Tokenizer", a name transformers 4 and 5 both load
+    # GPT2TokenizerFast saves "tokenizer_class": "GPT2Tokenizer", the hub gpt2's class, which transformers 4 loads
+    # too (the generic class would save "TokenizersBackend", a name only transformers 5 knows)
     tokenizer = GPT2TokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                   unk_token="<|endoftext|>", model_max_length=model_max_length)
     tokenizer.save_pretrained(directory)
