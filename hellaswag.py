@@ -8,13 +8,11 @@ HellaSwag: does our GPT-2 pick the right ending as often as OpenAI's? Download, 
 Each example is a context and 4 endings. Every ending is scored by the model's cross-entropy on the ending's
 tokens given the context ("completion style", as in build-nanogpt): acc picks the ending with the lowest summed
 loss, acc_norm the lowest mean loss per token. train_gpt2.py imports this file's functions to run the same
-scorer during training.
+scorer during training, so this file imports nothing of train_gpt2.py (only the CLI does, to load a model).
 """
 
 import argparse
 import json
-import os
-import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -22,11 +20,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT, GPT2_SHAPES, UserError, get_tokenizer, pick_device  # importing it does no work
+import common  # importing it does no work
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DATA_DIR = Path(__file__).resolve().parent / "hellaswag"  # the download cache, beside this script
-GPT2_NAMES = tuple(GPT2_SHAPES)  # OpenAI's checkpoints on the hub: gpt2 ... gpt2-xl
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints on the hub
 
 # -----------------------------------------------------------------------------
 # Data: the jsonl files of the HellaSwag repository, one example per line.
@@ -34,30 +32,9 @@ GPT2_NAMES = tuple(GPT2_SHAPES)  # OpenAI's checkpoints on the hub: gpt2 ... gpt
 
 def download(split):
     """Path of hellaswag_{split}.jsonl in DATA_DIR, downloaded first if it is not there yet."""
-    import http.client
-    import urllib.request
-
     path = DATA_DIR / f"hellaswag_{split}.jsonl"
-    if path.exists():
-        return path
-    url = URL.format(split=split)
-    print(f"downloading {url} -> {path}")
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed when complete: an interrupted download never looks like data.
-    # The pid in the name keeps two processes that download at once out of each other's way.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-            # urllib ends quietly when the connection drops early, so compare with the announced size
-            expected = response.headers.get("Content-Length")
-            if expected is not None and f.tell() != int(expected):
-                raise OSError(f"connection closed after {f.tell()} of {expected} bytes")
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:  # HTTP errors (404, ...) are OSErrors too
-        raise OSError(f"could not download {url}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not path.exists():
+        common.download(URL.format(split=split), path)  # all or nothing: a failure leaves no file
     return path
 
 
@@ -81,21 +58,25 @@ def iterate_examples(split, data_file=None):
     """Yield the example dicts of a split (downloaded if needed), or of a local jsonl file."""
     path = Path(data_file) if data_file else download(split)
     count = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # a blank line (often the last) is not an example
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-            problem = example_problem(example)
-            if problem:
-                raise ValueError(f"{path}, line {lineno}: {problem}")
-            count += 1
-            yield example
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue  # a blank line (often the last) is not an example
+                try:
+                    example = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem = f"malformed JSON ({e.msg}, column {e.colno})"
+                else:
+                    problem = example_problem(example)
+                if problem:
+                    raise common.UserError(f"{path}, line {lineno}: {problem}")
+                count += 1
+                yield example
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text at all
+        raise common.UserError(f"{path}: cannot read it as a jsonl file ({e})") from None
     if count == 0:
-        raise ValueError(f"{path}: no examples in the file")
+        raise common.UserError(f"{path}: no examples in the file")
 
 
 def render_example(example):
@@ -106,8 +87,8 @@ def render_example(example):
     """
     problem = example_problem(example)
     if problem:
-        raise ValueError(problem)
-    enc = get_tokenizer()
+        raise ValueError(problem)  # a caller's bug: iterate_examples has checked every example of a file
+    enc = common.get_tokenizer()
     ctx_tokens = enc.encode_ordinary(example["ctx"])
     # the space belongs to the ending: GPT-2's tokens start with their leading space (" the")
     ending_tokens = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
@@ -120,6 +101,21 @@ def render_example(example):
         mask[i, len(ctx_tokens):len(row)] = 1
     data = {"label": example["label"], "ctx_tokens": ctx_tokens, "ending_tokens": ending_tokens}
     return data, tokens, mask, example["label"]
+
+
+def check_fits(model, rendered):
+    """UserError unless the model has a position for every token and an embedding for every id of the examples:
+    past them, an embedding lookup fails with an IndexError deep in the forward pass."""
+    config = model.config  # our GPTConfig has block_size; transformers' configs max_position_embeddings
+    block_size = getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", None)
+    longest = max((tokens.size(1) for _, tokens, _, _ in rendered), default=0)
+    if block_size and longest > block_size:
+        raise common.UserError(f"HellaSwag examples are up to {longest} tokens, more than the model's block_size "
+                               f"{block_size}")
+    top = max((int(tokens.max()) for _, tokens, _, _ in rendered), default=0)
+    if top >= config.vocab_size:
+        raise common.UserError(f"HellaSwag is tokenized with GPT-2's tokenizer (ids up to {top}), the model's "
+                               f"vocabulary has {config.vocab_size} ids")
 
 # -----------------------------------------------------------------------------
 # Scoring: many examples per forward pass, and the vocabulary projection only where a loss is needed.
@@ -171,10 +167,8 @@ def score_packed(model, batch, device):
     causal = torch.ones((L, L), dtype=torch.bool).tril()
     attn_mask = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # (B, L, L)
     tokens, pos, attn_mask = tokens.to(device), pos.to(device), attn_mask[:, None].to(device)
-    device_type = torch.device(device).type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        h = model.hidden_states(tokens, pos, attn_mask).flatten(0, 1)[torch.tensor(where, device=device)]
-        logits = model.lm_head(h)  # (N, vocab_size): only at the N positions that predict an ending token
+    h = model.hidden_states(tokens, pos, attn_mask).flatten(0, 1)[torch.tensor(where, device=device)]
+    logits = model.lm_head(h)  # (N, vocab_size): only at the N positions that predict an ending token
     losses = F.cross_entropy(logits.float(), torch.tensor(targets, device=device), reduction="none")
     owner = torch.tensor(owner, device=device)
     sums = torch.zeros(B * 4, device=device).index_add_(0, owner, losses)
@@ -188,20 +182,22 @@ def score_batch(model, batch, device):
 
     Our GPT takes one packed row per example (score_packed). A transformers model takes build-nanogpt's 4 rows
     per example, right-padded to the longest: attention is causal, so the padding never changes the positions
-    before it. Either way the lm_head (n_embd x 50257, most of a small model's work) runs only at the positions
-    that predict an ending token.
+    before it. Either way the vocabulary projection (n_embd x 50257, most of a small model's work) runs only at
+    the positions that predict an ending token.
     """
-    if hasattr(model, "hidden_states"):  # our GPT (not isinstance: under torchrun its class is __main__.GPT)
+    # Our GPT is recognised by what it can do, not by its class: this file must not import train_gpt2.py (it
+    # imports us), and under `python train_gpt2.py` the class would be __main__.GPT anyway.
+    if hasattr(model, "hidden_states"):
         return score_packed(model, batch, device)
     L = max(tokens.size(1) for _, tokens, _, _ in batch)
     tokens = torch.cat([F.pad(t, (0, L - t.size(1))) for _, t, _, _ in batch]).to(device)  # (4B, L)
     mask = torch.cat([F.pad(m, (0, L - m.size(1))) for _, _, m, _ in batch]).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]  # position t predicts token t + 1, as in training
     rows, cols = mask[:, 1:].nonzero(as_tuple=True)  # the (row, t) pairs whose target belongs to an ending
-    device_type = torch.device(device).type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        h = model.transformer(x, use_cache=False).last_hidden_state[rows, cols]  # (N, n_embd)
-        logits = model.lm_head(h)  # (N, vocab_size)
+    # base_model: the transformer without its head (GPT-2's .transformer, Llama's .model). Exact for models whose
+    # logits are lm_head(last hidden state), as for every architecture that uses GPT-2's tokenizer.
+    h = model.base_model(x, use_cache=False).last_hidden_state[rows, cols]  # (N, n_embd)
+    logits = model.get_output_embeddings()(h)  # (N, vocab_size)
     losses = F.cross_entropy(logits.float(), y[rows, cols], reduction="none")  # in float32, (N,)
     # back to (4B, L - 1), zero off the endings, and summed per row (a plain sum: deterministic on CUDA too,
     # so equal endings get exactly equal losses and the tie goes to the first, as with argmin in build-nanogpt)
@@ -211,47 +207,81 @@ def score_batch(model, batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, examples, device, batch_size=16, progress=False):
+def evaluate(model, examples, device, batch_size=16, dtype="auto", progress=False, stop=None):
     """Score example dicts, or tuples from render_example, -> dict(n, correct, correct_norm, acc, acc_norm).
 
-    batch_size counts examples (4 rows each). The counts are exact integers, for all_reduce across ranks.
+    batch_size counts examples (4 rows each). dtype: "auto" (common.resolve_dtype's choice for the device),
+    "bfloat16" (autocast) or "float32"; training passes its run's dtype. The counts are exact integers, for
+    all_reduce across ranks. stop: a callable; when it returns True the scoring ends early (training uses it to
+    save a checkpoint in time when the machine is being reclaimed) and the counts cover the examples scored.
     """
     rendered = [ex if isinstance(ex, tuple) else render_example(ex) for ex in examples]
+    check_fits(model, rendered)
     # Batches of similar lengths waste little on padding; the metrics do not depend on the order.
     rendered.sort(key=lambda ex: ex[1].size(1))
+    device_type = torch.device(device).type
+    dtype = common.resolve_dtype(dtype, device_type)
     was_training = model.training
     model.eval()
-    correct = correct_norm = 0
+    n = correct = correct_norm = 0
     with tqdm(total=len(rendered), unit="ex", disable=not progress) as bar:
         for start in range(0, len(rendered), batch_size):
+            if stop is not None and stop():
+                break
             batch = rendered[start:start + batch_size]
-            sum_loss, n_tokens = score_batch(model, batch, device)
+            with common.autocast(device_type, dtype):
+                sum_loss, n_tokens = score_batch(model, batch, device)
             labels = torch.tensor([label for _, _, _, label in batch], device=sum_loss.device)
             # argmin takes the first of equal losses, as build-nanogpt's per-example argmin does
             correct += (sum_loss.argmin(dim=1) == labels).sum().item()
             correct_norm += ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item()
+            n += len(batch)
             bar.update(len(batch))
     model.train(was_training)
-    n = len(rendered)
-    return dict(n=n, correct=correct, correct_norm=correct_norm,
-                acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1))
+    return {"n": n, "correct": correct, "correct_norm": correct_norm,
+            "acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1)}
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
+def loads_into_our_gpt(config):
+    """True when a transformers config describes a GPT-2 that train_gpt2.GPT computes exactly: the same
+    activation, MLP width, LayerNorm epsilon, attention scaling and tied head (Cerebras-GPT, for one, is a
+    "gpt2" with another activation; it goes through transformers)."""
+    return (config.model_type == "gpt2" and config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+            and config.n_inner in (None, 4 * config.n_embd) and config.layer_norm_epsilon == 1e-5
+            and config.scale_attn_weights and not config.scale_attn_by_inverse_layer_idx
+            and config.tie_word_embeddings and not config.add_cross_attention)
+
+
 def load_model(name):
-    """One of our checkpoints (a file), a Hugging Face directory, or one of OpenAI's GPT-2s from the hub."""
+    """One of our checkpoints (a file), a Hugging Face directory, or one of OpenAI's GPT-2s from the hub.
+
+    GPT-2s, ours or Hugging Face's, load into train_gpt2.GPT (the same logits) for its packed rows: on a CPU
+    1.5x transformers' model with 4 rows per example, 5-6x build-nanogpt's one example per forward (bench.py).
+    Other architectures load through transformers. train_gpt2.py is imported here only, not at the top: it
+    imports this file, and the CLI is the one user.
+    """
+    import train_gpt2
+
     if Path(name).is_file():
         try:
-            return GPT.from_checkpoint(name)
-        except UserError as e:  # not found, or not readable by torch.load
-            raise ValueError(str(e)) from None
-        except (KeyError, RuntimeError) as e:  # readable, but other keys or other shapes than our GPT's
-            raise ValueError(f"{name} is not a checkpoint of train_gpt2.py ({e})") from None
-    from transformers import GPT2LMHeadModel  # heavy: imported only when needed
+            return train_gpt2.GPT.from_checkpoint(name)  # its UserErrors name the file and the fault: let through
+        except (LookupError, TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError) as e:
+            # what the loader may not foresee in a file holding something else: other keys, a bare tensor, a
+            # config that GPT's own asserts refuse (n_embd % n_head), ... (KeyError and IndexError: LookupErrors)
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise common.UserError(f"{name} is not a checkpoint of train_gpt2.py ({reason})") from None
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported only when needed
 
-    return GPT2LMHeadModel.from_pretrained(name)
+    try:
+        if name in GPT2_NAMES or loads_into_our_gpt(AutoConfig.from_pretrained(name)):
+            return train_gpt2.GPT.from_pretrained(name)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)  # autocast decides the compute
+    except (OSError, ValueError, KeyError) as e:  # offline, no config.json, an architecture transformers lacks
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise common.UserError(f"could not load the Hugging Face model {name} ({reason})") from None
 
 
 def main(argv=None):
@@ -259,6 +289,8 @@ def main(argv=None):
     parser.add_argument("-m", "--model", default="gpt2",
                         help=f"one of {', '.join(GPT2_NAMES)}, a Hugging Face directory, or our .pt checkpoint")
     parser.add_argument("-d", "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: bfloat16 autocast where the hardware has it natively, else float32")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--data_file", help="a local HellaSwag jsonl instead of the downloaded split")
     parser.add_argument("--limit", type=int, help="score only the first N examples (a quick look)")
@@ -273,17 +305,17 @@ def main(argv=None):
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         parser.error("--limit and --batch_size must be at least 1")
     try:
-        device = pick_device(args.device)
-        examples = list(islice(iterate_examples(args.split, args.data_file), args.limit))
-        model = load_model(args.model)
-    except (OSError, ValueError, UserError) as e:  # failed downloads, bad data, unreadable models: one line
+        device = common.pick_device(args.device)
+        examples = [render_example(e) for e in islice(iterate_examples(args.split, args.data_file), args.limit)]
+        model = load_model(args.model).to(device)
+        result = evaluate(model, examples, device, args.batch_size, args.dtype, progress=True)
+        print(f"{args.model} hellaswag {args.split}: n {result['n']}  acc {result['acc']:.4f}  "
+              f"acc_norm {result['acc_norm']:.4f}")
+        if args.json:
+            summary = json.dumps({k: result[k] for k in ("n", "acc", "acc_norm")}, indent=2)
+            common.atomic_write(args.json, lambda f: f.write(summary.encode()))
+    except common.UserError as e:  # the one error type of all our programs: bad data, models, network
         raise SystemExit(f"hellaswag.py: error: {e}") from None
-    result = evaluate(model.to(device), examples, device, args.batch_size, progress=True)
-    print(f"{args.model} hellaswag {args.split}: n {result['n']}  acc {result['acc']:.4f}  "
-          f"acc_norm {result['acc_norm']:.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: result[k] for k in ("n", "acc", "acc_norm")}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import dataclasses
 import http.server
 import json
+import os
 import random
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import common
 import hellaswag
 from train_gpt2 import GPT, GPTConfig
 
@@ -23,7 +25,7 @@ WORDS = ("the man takes a ball and throws it to his dog , who runs across green 
 def make_examples(n=12, seed=0):
     """HellaSwag-shaped examples of varied lengths; the last two have 4 equal endings (ties)."""
     rng = random.Random(seed)
-    phrase = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    phrase = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
     examples = [{"ind": i, "ctx": phrase(2, 40), "endings": [phrase(1, 15) for _ in range(4)],
                  "label": rng.randrange(4)} for i in range(n - 2)]
     examples[1]["endings"][3] = examples[1]["endings"][1]  # two equal endings: argmin must take the first
@@ -77,7 +79,7 @@ def test_render_example_as_build_nanogpt():
     example = {"ctx": "A man is sitting on a roof.", "endings": ["he starts.", "is a", "x", "runs away fast"],
                "label": 2}
     data, tokens, mask, label = hellaswag.render_example(example)
-    enc = hellaswag.get_tokenizer()
+    enc = common.get_tokenizer()
     ctx = enc.encode("A man is sitting on a roof.")
     assert label == 2 and data["label"] == 2 and data["ctx_tokens"] == ctx
     assert data["ending_tokens"][0] == enc.encode(" he starts.")  # the ending carries the leading space
@@ -93,14 +95,14 @@ def test_render_example_as_build_nanogpt():
 def test_batched_equals_one_example_at_a_time(batch_size):
     model, examples = tiny_gpt(), make_examples()
     model.train()  # evaluate switches to eval mode and back
-    result = hellaswag.evaluate(model, examples, "cpu", batch_size=batch_size)
+    result = hellaswag.evaluate(model, examples, "cpu", batch_size=batch_size, dtype="float32")
     assert model.training
     correct, correct_norm = reference_counts(model, examples)
     assert (result["n"], result["correct"], result["correct_norm"]) == (len(examples), correct, correct_norm)
     assert result["acc"] == correct / len(examples) and result["acc_norm"] == correct_norm / len(examples)
     # rendered tuples (what train_gpt2.py passes, tokenized once) score the same as dicts
     rendered = [hellaswag.render_example(e) for e in examples]
-    assert hellaswag.evaluate(model, rendered, "cpu", batch_size=batch_size) == result
+    assert hellaswag.evaluate(model, rendered, "cpu", batch_size=batch_size, dtype="float32") == result
 
 
 def test_per_row_losses_match_reference():
@@ -112,33 +114,143 @@ def test_per_row_losses_match_reference():
     assert torch.equal(sums[-1], sums[-1][:1].expand(4))  # equal endings: exactly equal losses
 
 
+def test_per_row_losses_of_the_modern_recipe():
+    """score_batch knows our GPT by its hidden_states(idx, pos, attn_mask): the modern recipe's (rotary positions,
+    soft-capped head) scores packed rows as exactly as GPT-2's."""
+    import train_gpt2
+
+    torch.manual_seed(0)
+    model = train_gpt2.ModernGPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # away from the zero-initialised head and projections, whose logits are all equal
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    examples = make_examples(seed=4)
+    sums, n_tokens = hellaswag.score_batch(model.eval(), [hellaswag.render_example(e) for e in examples], "cpu")
+    ref_sums, ref_means = reference_losses(model, examples)
+    torch.testing.assert_close(sums, ref_sums, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sums / n_tokens, ref_means, rtol=0, atol=1e-4)
+
+
 def test_ties_take_the_first_ending():
     model, examples = tiny_gpt(), make_examples()[-2:]  # 4 equal endings, labels 0 and 3
-    result = hellaswag.evaluate(model, examples, "cpu")
+    result = hellaswag.evaluate(model, examples, "cpu", dtype="float32")
     assert result["correct"] == result["correct_norm"] == 1
-    assert hellaswag.evaluate(model, [], "cpu")["n"] == 0  # a rank with no share of the examples
+    assert hellaswag.evaluate(model, [], "cpu", dtype="float32")["n"] == 0  # a rank with no share of the examples
 
 
-def test_cli_hf_directory(tmp_path, capsys):
+def run_cli(*args):
+    """hellaswag.py as users run it: a process of its own, hellaswag.py being __main__."""
+    return subprocess.run([sys.executable, "hellaswag.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+
+
+def assert_one_line_error(run, message):
+    assert run.returncode == 1 and run.stderr.startswith("hellaswag.py: error: "), run.stderr
+    assert message in run.stderr and run.stderr.count("\n") == 1, run.stderr  # one line, no traceback
+
+
+def cli_result(tmp_path, model_path, examples, *extra):
+    data = write_jsonl(tmp_path / "hs.jsonl", examples)
+    out = tmp_path / "out.json"
+    hellaswag.main(["-m", str(model_path), "--data_file", str(data), "-d", "cpu", "--dtype", "float32",
+                    "--batch_size", "5", "--json", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+def test_cli_gpt2_hf_directory_scores_packed(tmp_path, capsys):
+    """A GPT-2 in HF format loads into our GPT (packed rows): the same metrics as transformers' 4-row path and
+    as one example per forward."""
     model, examples = tiny_hf_model(), make_examples()
     model.save_pretrained(tmp_path / "hf")
-    data = write_jsonl(tmp_path / "hs.jsonl", examples)
-    hellaswag.main(["-m", str(tmp_path / "hf"), "--data_file", str(data), "-d", "cpu", "--batch_size", "5",
-                    "--json", str(tmp_path / "out.json")])
+    assert hasattr(hellaswag.load_model(str(tmp_path / "hf")), "hidden_states")  # our GPT
+    result = cli_result(tmp_path, tmp_path / "hf", examples)
     correct, correct_norm = reference_counts(model, examples)
-    result = json.loads((tmp_path / "out.json").read_text())
     assert result == {"n": 12, "acc": correct / 12, "acc_norm": correct_norm / 12}
+    four_rows = hellaswag.evaluate(model, examples, "cpu", batch_size=5, dtype="float32")  # transformers' model
+    assert (four_rows["acc"], four_rows["acc_norm"]) == (result["acc"], result["acc_norm"])
     assert f"acc_norm {correct_norm / 12:.4f}" in capsys.readouterr().out
+
+
+def tiny_gpt_neo():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM(GPTNeoConfig(vocab_size=50257, max_position_embeddings=128, hidden_size=32,
+                                          num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+                                          window_size=8))
+
+
+def tiny_gpt2_gelu():  # "gpt2" by its config, but exact GELU (Cerebras-GPT's choice): not our GPT's math
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_positions=128, n_layer=2, n_head=2, n_embd=32, activation_function="gelu"))
+
+
+@pytest.mark.parametrize("make", [tiny_gpt_neo, tiny_gpt2_gelu])
+def test_cli_other_hf_models_score_through_transformers(tmp_path, make):
+    torch.manual_seed(0)
+    model, examples = make(), make_examples(seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    assert not hasattr(hellaswag.load_model(str(tmp_path / "hf")), "hidden_states")  # transformers' model
+    correct, correct_norm = reference_counts(model, examples)
+    assert cli_result(tmp_path, tmp_path / "hf", examples) == {"n": 12, "acc": correct / 12,
+                                                                "acc_norm": correct_norm / 12}
+
+
+def save_checkpoint(model, path):
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0}, path)
+    return path
 
 
 def test_cli_our_checkpoint_and_limit(tmp_path, capsys):
     model, examples = tiny_gpt(seed=2), make_examples(seed=2)
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, tmp_path / "model.pt")
-    data = write_jsonl(tmp_path / "hs.jsonl", examples)
-    hellaswag.main(["-m", str(tmp_path / "model.pt"), "--data_file", str(data), "-d", "cpu", "--limit", "7"])
+    path = save_checkpoint(model, tmp_path / "model.pt")
     _, correct_norm = reference_counts(model, examples[:7])
-    out = capsys.readouterr().out
-    assert "n 7 " in out and f"acc_norm {correct_norm / 7:.4f}" in out
+    assert cli_result(tmp_path, path, examples, "--limit", "7")["acc_norm"] == correct_norm / 7
+    assert "n 7 " in capsys.readouterr().out
+
+
+NOT_CHECKPOINTS = {  # what x.pt holds -> what the one-line error says
+    "bytes": (b"not a checkpoint", "not a readable checkpoint"),
+    "other keys": ({"weights": torch.zeros(2)}, "not a checkpoint of train_gpt2.py"),
+    "a tensor": (torch.zeros(3), "not a checkpoint of train_gpt2.py"),
+    "a list": ([1, 2, 3], "not a checkpoint of train_gpt2.py"),
+    "other shapes": ({"model": {"lm_head.weight": torch.zeros(2, 2)}, "step": 0,
+                      "config": {"n_layer": 1, "n_head": 2, "n_embd": 8, "vocab_size": 16, "block_size": 8}},
+                     "not a checkpoint of train_gpt2.py"),
+    "bad config": ({"model": {}, "config": {"n_embd": 30, "n_head": 4, "vocab_size": 16}, "step": 0},  # 30 % 4
+                   "not a checkpoint of train_gpt2.py"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_CHECKPOINTS)
+def test_files_that_are_not_checkpoints(tmp_path, case):
+    content, message = NOT_CHECKPOINTS[case]
+    path = tmp_path / "x.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(common.UserError, match=f"x\\.pt.* {message}"):
+        hellaswag.load_model(str(path))
+    with pytest.raises(SystemExit, match=f"^hellaswag.py: error: .*x\\.pt.* {message}"):
+        hellaswag.main(["-m", str(path), "--data_file", str(write_jsonl(tmp_path / "hs.jsonl", make_examples()))])
+
+
+def test_models_too_small_for_the_examples(tmp_path):
+    """Longer examples than the model's positions, or ids past its vocabulary: one line, not an IndexError."""
+    torch.manual_seed(0)
+    examples = make_examples()
+    longest = max(hellaswag.render_example(e)[1].size(1) for e in examples)
+    short = save_checkpoint(GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)),
+                            tmp_path / "short.pt")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_positions=16, n_layer=1, n_head=2, n_embd=8)).save_pretrained(tmp_path / "hf")
+    for model in (short, tmp_path / "hf"):
+        with pytest.raises(SystemExit, match=f"^hellaswag.py: error: HellaSwag examples are up to {longest} tokens, "
+                                             "more than the model's block_size 16$"):
+            cli_result(tmp_path, model, examples)
+    small_vocab = save_checkpoint(GPT(GPTConfig(block_size=128, vocab_size=128, n_layer=1, n_head=2, n_embd=8)),
+                                  tmp_path / "vocab.pt")
+    with pytest.raises(SystemExit, match="GPT-2's tokenizer .* the model's vocabulary has 128 ids"):
+        cli_result(tmp_path, small_vocab, examples)
 
 
 BAD_FILES = {
@@ -147,6 +259,7 @@ BAD_FILES = {
     "label": ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 5}\n', r"line 1: 'label' must be 0, 1, 2 or 3"),
     "endings": ('{"ctx": "a", "endings": ["b", "c", "d"], "label": 0}\n', r"line 1: 'endings' .* got 3 endings"),
     "empty": ("", r"bad\.jsonl: no examples"),
+    "binary": (b"\x80\x81\xff\n", r"bad\.jsonl: cannot read it as a jsonl file"),
 }
 
 
@@ -154,8 +267,8 @@ BAD_FILES = {
 def test_bad_data_files(tmp_path, case):
     text, message = BAD_FILES[case]
     path = tmp_path / "bad.jsonl"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    with pytest.raises(common.UserError, match=message):
         list(hellaswag.iterate_examples("val", data_file=path))
     with pytest.raises(SystemExit, match=r"^hellaswag.py: error: .*" + message):  # main: one line
         hellaswag.main(["-m", "gpt2", "--data_file", str(path), "-d", "cpu"])
@@ -177,16 +290,31 @@ def test_cli_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):  # argparse's usage line and the error
             hellaswag.main(["-d", "cpu", *args])
         assert message in capsys.readouterr().err
-    # the real command line: one line on stderr, no traceback
-    run = subprocess.run([sys.executable, "hellaswag.py", "-m", str(tmp_path / "foreign.pt"), "--data_file", str(data)],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 1 and run.stderr.startswith("hellaswag.py: error: ") and "not a readable" in run.stderr
-    assert run.stderr.count("\n") == 1, run.stderr
+    # the real command line: train_gpt2.py's loader raises the UserError, hellaswag.py (__main__) prints it
+    assert_one_line_error(run_cli("-m", tmp_path / "foreign.pt", "--data_file", data), "not a readable checkpoint")
+    (tmp_path / "not_hf").mkdir()  # a directory without config.json
+    assert_one_line_error(run_cli("-m", tmp_path / "not_hf", "--data_file", data),
+                          f"could not load the Hugging Face model {tmp_path / 'not_hf'}")
 
 
-def test_import_does_nothing():
-    code = ("import sys, hellaswag; assert 'transformers' not in sys.modules and 'requests' not in sys.modules; "
-            "assert hellaswag.get_tokenizer.cache_info().currsize == 0")
+def test_offline_tokenizer_is_one_line(tmp_path):
+    """tiktoken with an empty cache and no network: common.get_tokenizer's UserError, printed by main."""
+    save_checkpoint(tiny_gpt(), tmp_path / "model.pt")
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples())
+    (tmp_path / "empty").mkdir()
+    offline = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "NO_PROXY": "", "no_proxy": "",
+               **{k: "http://127.0.0.1:9" for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}}
+    run = subprocess.run([sys.executable, "hellaswag.py", "-m", str(tmp_path / "model.pt"), "--data_file", str(data)],
+                         cwd=ROOT, capture_output=True, text=True, env=offline, timeout=120, check=False)
+    assert_one_line_error(run, "could not load GPT-2's tokenizer")
+
+
+def test_import_is_a_leaf():
+    """Importing does no work, and loads neither train_gpt2 (a second copy under `python train_gpt2.py`, with
+    its own classes) nor transformers."""
+    code = ("import sys, common, hellaswag; "
+            "assert not {'train_gpt2', 'transformers', 'requests'} & set(sys.modules), sys.modules.keys(); "
+            "assert common.get_tokenizer.cache_info().currsize == 0")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 # -- download: a local HTTP server on 127.0.0.1 stands in for GitHub
@@ -233,6 +361,6 @@ def test_download_writes_once(server, monkeypatch):
 def test_failed_download_leaves_nothing(server, monkeypatch, route):
     base, _ = server
     monkeypatch.setattr(hellaswag, "URL", base + route)
-    with pytest.raises(OSError, match=r"could not download http://127\.0\.0\.1:\d+/(missing|cut)_val"):
+    with pytest.raises(common.UserError, match=r"could not download http://127\.0\.0\.1:\d+/(missing|cut)_val"):
         hellaswag.download("val")
     assert list(hellaswag.DATA_DIR.iterdir()) == []
