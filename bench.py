@@ -119,11 +119,17 @@ def losses_to_time(raw_model, device_type, use_compile):
 
 
 def bench_train(args, world, dtype):
+    return [row for recipe in args.recipe for row in bench_recipe(args, world, dtype, recipe)]
+
+
+def bench_recipe(args, world, dtype, recipe):
+    """Training-step rows of one recipe: gpt2 (AdamW) or modern (Muon + AdamW, soft-capped loss)."""
     config = GPTConfig(block_size=args.T, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd)
     torch.manual_seed(0)
-    raw_model = GPT(config).to(world.device)
-    optimizers = raw_model.configure_optimizers(0.1, 1e-4, world.device_type)  # a list: [AdamW] for GPT-2
+    raw_model = train_gpt2.RECIPES[recipe](config).to(world.device)
+    lrs = {"embed_lr": 0.2, "head_lr": 0.008} if recipe == "modern" else {}
+    optimizers = raw_model.configure_optimizers(0.1, 1e-4, world.device_type, **lrs)  # [AdamW] or [Muon, AdamW]
     x = torch.randint(0, 50257, (args.B, args.T), device=world.device)
     y = torch.randint(0, 50257, (args.B, args.T), device=world.device)
     flops, peak = train_gpt2.flops_per_token(raw_model, args.T), train_gpt2.peak_flops(world)
@@ -153,7 +159,7 @@ def bench_train(args, world, dtype):
                         "mfu": round(100 * flops * tokens_per_s / peak, 1) if peak else None,
                         **peak_memory(world, was_reset)}
 
-            row = {"section": "train", "compile": use_compile, "forward": forward_name, "loss": loss_kind,
+            row = {"section": "train", "recipe": recipe, "compile": use_compile, "forward": forward_name, "loss": loss_kind,
                    "dtype": dtype, "shape": f"{args.n_layer}x{args.n_embd} B={args.B} T={args.T}"}
             rows.append(guarded(row, "tokens_per_s", measure))
     return rows
@@ -317,6 +323,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     parser.add_argument("--compile", default="both", choices=("both", "true", "false"))
+    parser.add_argument("--recipe", nargs="+", default=["gpt2", "modern"], choices=("gpt2", "modern"),
+                        help="train: the recipes to time")
     parser.add_argument("--n_layer", type=int, help="(default: 12 on CUDA, 4 elsewhere)")
     parser.add_argument("--n_head", type=int, help="(default: 12 on CUDA, 4 elsewhere)")
     parser.add_argument("--n_embd", type=int, help="(default: 768 on CUDA, 256 elsewhere)")

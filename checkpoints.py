@@ -79,13 +79,13 @@ def gather_objects(obj, world):
     return out
 
 
-def save_checkpoint(log_dir, step, raw_model, optimizer, train_loader, val_loss, cfg, world):
+def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss, cfg, world):
     """model_{step:05d}.pt: the state after `step` updates. Every rank calls this (it gathers their states)."""
     ranks = gather_objects({"loader": train_loader.state_dict(), "rng": rng_state(world)}, world)
     path = Path(log_dir) / f"model_{step:05d}.pt"
     failed = None
     if world.is_master:
-        model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+        model_state, optimizer_state = raw_model.state_dict(), [o.state_dict() for o in optimizers]
         checkpoint = {
             "model": model_state,  # the uncompiled module: no _orig_mod. or module. prefixes
             "config": dataclasses.asdict(raw_model.config), "step": step, "val_loss": val_loss,
@@ -122,7 +122,7 @@ def prune_checkpoints(log_dir, keep):
 
 
 MODEL_KEYS = {"model": dict, "config": dict, "step": int}  # what from_checkpoint needs
-RESUME_KEYS = {"optimizer": dict, "loaders": list, "rng": list, "args": dict}  # and what --resume needs
+RESUME_KEYS = {"optimizer": (list, dict), "loaders": list, "rng": list, "args": dict}  # and what --resume needs
 
 
 def load_checkpoint(path, map_location="cpu", for_resume=False):
@@ -164,6 +164,7 @@ def find_resume_checkpoint(log_dir, resume):
 
 def check_resume_flags(saved, cfg, math_flags):
     """Refuse flags that would change the run's math; return a note naming those that may change (or None)."""
+    saved = {k: getattr(type(cfg), k) for k in math_flags} | saved  # flags newer than the checkpoint: defaults
     changed = [f"--{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in math_flags if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise UserError("--resume: these flags differ from the checkpoint's run and would change its math: "

@@ -6,9 +6,10 @@ Train GPT-2 from scratch, in one file that reads top to bottom.
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # the same on 8 GPUs (make shards: python fineweb.py)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume   # continue from the newest checkpoint in log/
 
-Sections, in reading order: the model (exactly Hugging Face's GPT-2), the data loader, the learning-rate
-schedule, distributed set-up, evaluations, the hyperparameter table, the training step and loop. Operations code
-lives beside this file: checkpoints.py (checkpoints, resume, preemption) and common.py (errors, atomic writes,
+Sections, in reading order: the model (exactly Hugging Face's GPT-2), what changed since GPT-2 (--recipe modern:
+the same file's faster recipe, as a diff against the model), the data loader, the learning-rate schedule,
+distributed set-up, evaluations, the hyperparameter table, the training step and loop. Operations code lives beside
+this file: checkpoints.py (checkpoints, resume, preemption) and common.py (errors, atomic writes,
 downloads, tokenizer, device and dtype). The appendix at the end holds a faster loss for CPUs.
 """
 
@@ -33,7 +34,7 @@ import hellaswag
 from checkpoints import (StopSignals, check_resume_flags, find_resume_checkpoint, git_commit, list_checkpoints,
                          load_checkpoint, save_checkpoint, set_rng_state)
 from common import (EOT, UserError, atomic_write, autocast, download_moliere, get_tokenizer, lock_directory,
-                    pick_device, resolve_dtype)
+                    pick_device, resolve_dtype, save_hf_tokenizer)
 
 HERE = Path(__file__).resolve().parent  # default data and downloads live beside this file
 
@@ -169,6 +170,14 @@ class GPT(nn.Module):
             raise UserError(f"could not load {name_or_path} ({(str(e).splitlines() or ['?'])[0]}); "
                             f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
         c = hf.config
+        different = [k for k, ok in {
+            "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+            "n_inner": c.n_inner in (None, 4 * c.n_embd), "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
+            "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
+            "tie_word_embeddings": c.tie_word_embeddings}.items() if not ok]
+        if different:  # a GPT-2 variant: loading it here would silently compute something else
+            raise UserError(f"{name_or_path}: a GPT-2 variant this GPT does not compute exactly: "
+                            f"{', '.join(different)}")
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         ours = model.state_dict()
@@ -198,28 +207,33 @@ class GPT(nn.Module):
             for k, v in self.state_dict().items():
                 theirs[k].copy_(v.t() if k.endswith(self.HF_TRANSPOSED) else v)
         hf.save_pretrained(directory)
+        # GPT-2's tokenizer beside the weights (transformers 5 builds an empty one when the files are missing), and
+        # suppress_tokens for the padded ids in generation_config.json, so that transformers never samples them
+        save_hf_tokenizer(directory, vocab_size=c.vocab_size, model_max_length=c.block_size)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
         """The model saved in one of our checkpoints (model_XXXXX.pt), for evaluation and sampling."""
         checkpoint = load_checkpoint(path, map_location)
-        try:
-            model = cls(GPTConfig(**checkpoint["config"]))
+        try:  # the recipe (gpt2 or modern) that trained it picks the class
+            model = RECIPES[checkpoint.get("args", {}).get("recipe", "gpt2")](GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
-        except (TypeError, RuntimeError) as e:  # other keys or shapes than our GPT's
+        except (TypeError, RuntimeError, KeyError) as e:  # other keys or shapes than our GPT's, another recipe
             raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({str(e).splitlines()[0]})") from None
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains helps nothing."""
+        """[AdamW], with weight decay on matrices only: decaying biases and LayerNorm gains helps nothing.
+
+        A list, because the modern recipe trains with two optimizers; each group's base_lr is its peak learning
+        rate, which the schedule scales step by step."""
         params = [p for p in self.parameters() if p.requires_grad]  # the tied wte/lm_head appears once
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "base_lr": learning_rate},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": learning_rate},
         ]
         # fused: one kernel for all parameters instead of a dozen per tensor (CUDA only)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=device_type == "cuda")
+        return [torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
@@ -236,6 +250,143 @@ class GPT(nn.Module):
             next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+# -----------------------------------------------------------------------------
+# What changed since GPT-2 (--recipe modern): the same transformer with the changes that later models and the
+# nanoGPT speedrun (modded-nanogpt) found to reach GPT-2's loss in a fraction of the compute. Each class reads as a
+# diff against its GPT-2 twin above; module names stay Hugging Face's where a module has a twin.
+
+def rms_norm(x):
+    """RMSNorm (Zhang & Sennrich 2019): LayerNorm without the mean subtraction and the bias, and here without a
+    gain (the matrix that reads the result can learn any scale): x / sqrt(mean(x**2)). Cheaper, as good."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(x, cos, sin):
+    """Rotary position embeddings (RoFormer, Su et al. 2021) replace GPT-2's learned wpe: each pair of channels
+    (i, i + hs/2) of q and k is rotated by the angle pos * theta_i, so the score q.k depends on the two tokens'
+    relative offset only, and no position table limits the context. x (B, nh, T, hs); cos, sin (B or 1, 1, T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # computed in float32, applied in the compute dtype
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class ModernSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # no biases anywhere (PaLM 2022):
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # they add nothing at this scale
+        self.n_head = config.n_head
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # QK-norm (Henry et al. 2020; Dehghani et al. 2023): q and k at unit RMS, so attention logits cannot grow
+        # without bound and saturate the softmax, the instability that otherwise caps the learning rate
+        q, k = rotary(rms_norm(q), cos, sin), rotary(rms_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class ModernMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        # ReLU² (Primer, So et al. 2021) instead of GELU: relu(x)**2, cheaper and better in their architecture search
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class ModernBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn, self.mlp = ModernSelfAttention(config), ModernMLP(config)
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        x = x + self.attn(rms_norm(x), cos, sin, attn_mask)  # pre-norm as before, RMSNorm for LayerNorm
+        return x + self.mlp(rms_norm(x))
+
+
+class SoftCappedLinear(nn.Linear):
+    """The head with logit soft-capping (Gemma 2, 2024): logits = cap * tanh(z / cap) stay within (-cap, cap),
+    so the model cannot win loss by making logits ever larger and overconfident. lm_head(h) gives the capped
+    logits, so sampling and hellaswag.py's scorer need no change."""
+
+    cap = 15.0  # modded-nanogpt's value (Gemma 2 uses 30)
+
+    def forward(self, x):
+        return self.cap * torch.tanh(super().forward(x) / self.cap)
+
+
+class ModernGPT(GPT):
+    """GPT with the changes above; from GPT it keeps generate, from_checkpoint and the weight init helper."""
+
+    def __init__(self, config):
+        nn.Module.__init__(self)  # not GPT.__init__: none of GPT-2's modules are built
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # no wpe: positions enter as rotations of q, k
+            h=nn.ModuleList([ModernBlock(config) for _ in range(config.n_layer)]),
+        ))
+        # Untied: the embedding and the head are separate matrices (the tie costs quality once compute is cheap
+        # next to parameters), so each gets its own optimizer and learning rate.
+        self.lm_head = SoftCappedLinear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)  # GPT-2's normal(0, 0.02) for the block matrices, then:
+        nn.init.normal_(self.transformer.wte.weight, std=1.0)  # unit scale, as RMSNorm would make it anyway
+        # Zero-initialised output projections and head (modded-nanogpt; cf. "ReZero", Bachlechner et al. 2020):
+        # every block starts as the identity and the first logits are uniform (loss ln(vocab)), at any depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name == "lm_head.weight":
+                nn.init.zeros_(p)
+
+    def hidden_states(self, idx, pos=None, attn_mask=None):
+        T = idx.size(1)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than the model's block_size "
+                                 f"{self.config.block_size}")
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        hs = self.config.n_embd // self.config.n_head
+        theta = 10000.0 ** (-torch.arange(0, hs, 2, device=idx.device, dtype=torch.float32) / hs)  # (hs/2,)
+        angles = pos.view(-1, 1, pos.size(-1), 1).float() * theta  # (B or 1, 1, T, hs/2): broadcast over heads
+        x = self.transformer.wte(idx)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, attn_mask)
+        return rms_norm(x)
+
+    def forward(self, idx, targets=None):
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x), None
+        # = F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten()), soft-cap included (appendix)
+        return None, vocab_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.lm_head.cap)
+
+    def save_pretrained(self, directory):
+        raise UserError("save_pretrained: the modern recipe's model (rotary, RMSNorm, QK-norm, ReLU², soft-capped "
+                        "logits) matches no transformers architecture exactly; use its .pt checkpoint instead")
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, *, embed_lr, head_lr):
+        """[Muon, AdamW]. Muon (Keller Jordan, 2024) for the blocks' matrices: SGD-momentum whose update is
+        orthogonalised (all singular values ~1, by a Newton-Schulz iteration), so every direction of a matrix
+        learns at the same rate. AdamW for the embedding (a lookup, not a matrix product) and the head, each at
+        its own rate. (No 1-D parameters: no biases, no norm gains.) Muon's weight decay is decoupled, lr * wd."""
+        muon = [p for p in self.transformer.h.parameters() if p.dim() == 2]
+        assert len(muon) == sum(1 for _ in self.transformer.h.parameters())  # nothing else in the blocks
+        return [
+            torch.optim.Muon([{"params": muon, "base_lr": learning_rate}], lr=learning_rate,
+                             weight_decay=weight_decay, momentum=0.95, nesterov=True),
+            torch.optim.AdamW([{"params": [self.transformer.wte.weight], "base_lr": embed_lr, "lr": embed_lr},
+                               {"params": [self.lm_head.weight], "base_lr": head_lr, "lr": head_lr}],
+                              betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=device_type == "cuda"),
+        ]
+
+
+RECIPES = {"gpt2": GPT, "modern": ModernGPT}  # --recipe -> model class
 
 
 # -----------------------------------------------------------------------------
@@ -384,6 +535,18 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+def get_lr_wsd(step, max_lr, warmup_steps, max_steps, cooldown_frac):
+    """The modern recipe's warmup-stable-decay (e.g. Hägele et al. 2024): the same warmup, max_lr constant, then a
+    linear decay to 0 over the last cooldown_frac of the steps. As good as cosine at the end, and a run can be
+    extended from any checkpoint before the decay (the constant part does not depend on where the run ends)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    cooldown = int(cooldown_frac * max_steps)
+    if step < max_steps - cooldown:
+        return max_lr
+    return max_lr * max(0, max_steps - step) / max(cooldown, 1)  # 1/cooldown at the last step, 0 at max_steps
+
+
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun starts one process per GPU and tells each its place in the environment.
 
@@ -419,6 +582,11 @@ def setup_distributed(device="auto", timeout_s=600):
     timeout = datetime.timedelta(seconds=timeout_s)
     if device_type == "mps":
         raise UserError("MPS runs single-process: use `python train_gpt2.py`, not torchrun")
+    # DDP imports torch.distributed.nn, whose functions take `group=group.WORLD` as a default argument: imported
+    # after init_process_group, those defaults keep the process group alive for good, destroy_process_group()
+    # cannot free it, and its gloo threads run on while the interpreter shuts down (a rank then aborted, now and
+    # then, with "terminate called without an active exception"). Imported first, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"--nproc_per_node is larger than this machine's {torch.cuda.device_count()} GPUs: "
@@ -481,27 +649,27 @@ def evaluate_val(model, loader, steps, world, dtype, stop=lambda: False):
     return total / steps
 
 
-def load_hellaswag(cfg, world, block_size):
+def load_hellaswag(cfg, world, raw_model):
     """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
     if cfg.hellaswag_data is None:
         on_master(world, hellaswag.download, "val")
     examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
-    longest = max(tokens.size(1) for _, tokens, _, _ in examples)
-    if longest > block_size:
-        raise UserError(f"HellaSwag examples are up to {longest} tokens, more than the model's block_size "
-                        f"{block_size}: use --hellaswag_every 0")
+    try:
+        hellaswag.check_fits(raw_model, examples)  # within the model's block_size and vocabulary
+    except UserError as e:
+        raise UserError(f"{e}: use --hellaswag_every 0") from None
     return examples
 
 
 def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop=lambda: False):
     """acc_norm over all examples, each rank scoring its share; returns (n, acc_norm)."""
     result = hellaswag.evaluate(raw_model, examples[world.rank::world.world_size], world.device,
-                                batch_size=batch_size)
+                                batch_size=batch_size, dtype=dtype, stop=stop)
     counts = torch.tensor([result["n"], result["correct_norm"]], dtype=torch.long, device=world.device)
     if world.world_size > 1:
         torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
     n, correct = counts.tolist()
-    return n, correct / n
+    return n, correct / max(n, 1)  # n is 0 only when a stop request cut it short
 
 
 def sample_text(raw_model, prompt, num_samples, max_new_tokens, seed, device):
@@ -540,6 +708,9 @@ class TrainConfig:
                        nargs="?", const="latest", metavar="PATH")
     init_from: str = knob("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
                           "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)")
+    recipe: str = knob("gpt2", "gpt2: GPT-2 exactly (AdamW, cosine schedule); modern: the section 'What changed since "
+                       "GPT-2' (rotary, RMSNorm, QK-norm, ReLU², untied soft-capped head, Muon, warmup-stable-decay)",
+                       choices=tuple(RECIPES))
     # the model: a GPT-2 shape, each dimension overridable (0 = the shape's own)
     model: str = knob("gpt2", "GPT-2 shape to start from", choices=tuple(GPT2_SHAPES))
     n_layer: int = knob(0, "transformer blocks; 0: the --model shape's")
@@ -552,13 +723,18 @@ class TrainConfig:
     micro_batch_size: int = knob(64, "sequences per forward pass on each GPU", flags=("-B",))
     seq_len: int = knob(1024, "tokens per sequence", flags=("-T",))
     # optimization (GPT-3 paper, table 2.1 and appendix B)
-    max_lr: float = knob(6e-4, "peak learning rate")
-    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1)")
+    max_lr: float = knob(6e-4, "peak learning rate (gpt2 recipe)")
+    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)")
+    # the modern recipe: a peak learning rate per optimizer group, measured on two corpora (README), and WSD
+    muon_lr: float = knob(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)")
+    embed_lr: float = knob(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)")
+    head_lr: float = knob(0.008, "AdamW's peak learning rate for the head (modern recipe)")
+    cooldown_frac: float = knob(0.3, "the LR decays linearly to 0 over this last fraction of the steps (modern recipe)")
     warmup_steps: int = knob(715, "linear warmup (375M tokens / 2**19 tokens per step)")
     max_steps: int = knob(19073, "optimizer steps (10B tokens / 2**19 tokens per step)")
     lr_horizon: int = knob(0, "step at which the cosine reaches min_lr; 0: --max_steps of the run's first "
                            "start. Kept on --resume, so a larger --max_steps continues at min_lr")
-    weight_decay: float = knob(0.1, "AdamW weight decay on matrices")
+    weight_decay: float = knob(0.1, "weight decay on the matrices (AdamW; Muon's in the modern recipe)")
     grad_clip: float = knob(1.0, "clip the gradient's global norm to this (0: no clipping)")
     # evaluation and checkpoints (0 turns any of them off)
     eval_every: int = knob(250, "steps between val loss measurements")
@@ -594,17 +770,18 @@ PRESETS = {
 
 # flags that change what the run computes: a resumed run must keep them (max_steps, -B, the data's path and
 # the dtype may change and are said; the loader checks that the data's shards are the same)
-MATH_FLAGS = ("init_from", "model", "n_layer", "n_head", "n_embd", "block_size", "vocab_size",
+MATH_FLAGS = ("recipe", "muon_lr", "embed_lr", "head_lr", "cooldown_frac", "init_from", "model", "n_layer", "n_head",
+              "n_embd", "block_size", "vocab_size",
               "total_batch_size", "seq_len", "max_lr", "min_lr_ratio", "warmup_steps", "weight_decay",
               "grad_clip", "seed")
 
 
 def parse_args(argv=None):
     """TrainConfig from the command line; --help shows the defaults of the chosen --preset."""
-    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser = argparse.ArgumentParser(prog="train_gpt2.py", add_help=False)
     preset_parser.add_argument("--preset", choices=tuple(PRESETS), default=TrainConfig.preset)
     preset = PRESETS[preset_parser.parse_known_args(argv)[0].preset]
-    parser = argparse.ArgumentParser(description="Train GPT-2 from scratch.")
+    parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2 from scratch.")
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         flags = meta.pop("flags", ())
@@ -635,7 +812,7 @@ def validate(cfg, world, model_cfg, start_step=0):
     B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
     if min(B, T, cfg.total_batch_size, cfg.max_steps) <= 0:
         problems.append("-B, -T, --total_batch_size and --max_steps must be positive")
-    elif cfg.total_batch_size % (B * T * W):
+    elif cfg.total_batch_size % (B * T * W) and cfg.sample is None:  # sampling needs no batch
         tokens = cfg.total_batch_size // (T * W)  # sequences per step on each rank, if T*W divides the total
         valid = [b for b in range(1, tokens + 1) if tokens % b == 0] if cfg.total_batch_size % (T * W) == 0 else []
         problems.append(f"--total_batch_size {cfg.total_batch_size} is not divisible by B*T*world_size = "
@@ -648,12 +825,21 @@ def validate(cfg, world, model_cfg, start_step=0):
         problems.append(f"--init_from {cfg.init_from} fixes the model's shape: drop --n_layer/--n_head/--n_embd/"
                         f"--block_size/--vocab_size")
     elif model_cfg is not None:
-        if T > model_cfg.block_size:
+        if T > model_cfg.block_size and cfg.sample is None:
             problems.append(f"-T {T} is longer than the model's block_size {model_cfg.block_size}")
         if model_cfg.n_embd % model_cfg.n_head:
             problems.append(f"--n_embd {model_cfg.n_embd} is not a multiple of --n_head {model_cfg.n_head}")
     if not (math.isfinite(cfg.max_lr) and cfg.max_lr > 0):
         problems.append(f"--max_lr must be a positive number, not {cfg.max_lr}")
+    if not all(math.isfinite(lr) and lr > 0 for lr in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
+        problems.append("--muon_lr, --embed_lr and --head_lr must be positive numbers")
+    if cfg.recipe == "modern" and not (0 <= cfg.cooldown_frac <= 1 and cfg.warmup_steps <= (cfg.lr_horizon or
+                                       cfg.max_steps) * (1 - cfg.cooldown_frac)):
+        problems.append(f"--cooldown_frac {cfg.cooldown_frac} must be between 0 and 1, and the decay must start "
+                        f"after --warmup_steps {cfg.warmup_steps}")
+    if cfg.recipe == "modern" and cfg.init_from != "scratch" and not cfg.init_from.endswith(".pt"):
+        problems.append(f"--recipe modern cannot start from {cfg.init_from}: GPT-2's weights do not fit its "
+                        f"architecture (start from scratch or from a modern .pt checkpoint)")
     if not 0 <= cfg.min_lr_ratio <= 1:  # (nan fails too) a negative floor would train by gradient ascent
         problems.append(f"--min_lr_ratio must be between 0 and 1, not {cfg.min_lr_ratio}")
     if not (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and math.isfinite(cfg.weight_decay + cfg.grad_clip)):
@@ -685,26 +871,42 @@ def resolve_schedule(cfg, saved_args, start_step):
     A fresh run's horizon is --lr_horizon or its --max_steps. A resumed run keeps the horizon it started with: a
     larger --max_steps then continues at min_lr. An explicit new --lr_horizon is taken only if it leaves the
     learning rate of every step so far unchanged (during warmup, say)."""
+    lr = schedule(cfg)
     if saved_args is None:
         cfg.lr_horizon = cfg.lr_horizon or cfg.max_steps
+    else:
+        saved = saved_args.get("lr_horizon") or saved_args["max_steps"]
+        new = cfg.lr_horizon or saved
+        if new != saved and any(lr(s, saved) != lr(s, new) for s in range(start_step + 1)):
+            raise UserError(f"--lr_horizon {new} would change the learning rate of the steps already taken (this "
+                            f"run's schedule ends at step {saved}): drop --lr_horizon to keep it; a larger "
+                            f"--max_steps then continues at " + ("min_lr" if cfg.recipe == "gpt2" else
+                            "0, which the modern recipe refuses: resume from a checkpoint before the decay"))
+        cfg.lr_horizon = new
+    new = cfg.lr_horizon
+    if cfg.recipe == "modern":  # WSD ends at LR 0: steps past the horizon would not learn
+        decay = new - int(cfg.cooldown_frac * new)
+        if cfg.max_steps > new:
+            raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {new}, where the "
+                            f"learning rate is 0: resume from a checkpoint before the decay (step <= {decay}) "
+                            f"with --lr_horizon {cfg.max_steps} --max_steps {cfg.max_steps}")
+        return None if saved_args is None else (
+            f"LR schedule: warmup {cfg.warmup_steps} steps, constant until step {decay}, linear decay to 0 at step "
+            f"{new}; step {start_step} runs at {lr(start_step, new):.4f} x the peak learning rates")
+    if saved_args is None:
         return None
-    saved = saved_args.get("lr_horizon") or saved_args["max_steps"]
-    new = cfg.lr_horizon or saved
-    lr = schedule(cfg)
-    if new != saved and any(lr(s, saved) != lr(s, new) for s in range(start_step + 1)):
-        raise UserError(f"--lr_horizon {new} would change the learning rate of the steps already taken (this run's "
-                        f"schedule ends at step {saved}): drop --lr_horizon to keep it; a larger --max_steps "
-                        f"then continues at min_lr")
-    cfg.lr_horizon = new
     min_lr = cfg.max_lr * cfg.min_lr_ratio
     after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > new else ""
     return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
-            f"{new}{after}; step {start_step} runs at {lr(start_step, new):.4e}")
+            f"{new}{after}; step {start_step} runs at {cfg.max_lr * lr(start_step, new):.4e}")
 
 
 def schedule(cfg):
-    """The run's learning rate as a function of (step, horizon)."""
-    return lambda step, horizon: get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, horizon)
+    """The run's LR multiplier (0 to 1) as a function of (step, horizon): each parameter group's learning rate is
+    its base_lr (the peak) times this."""
+    if cfg.recipe == "modern":
+        return lambda step, horizon: get_lr_wsd(step, 1.0, cfg.warmup_steps, horizon, cfg.cooldown_frac)
+    return lambda step, horizon: get_lr(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, horizon)
 
 
 # -----------------------------------------------------------------------------
@@ -713,13 +915,16 @@ def schedule(cfg):
 def flops_per_token(model, T):
     """Training FLOPs per token (PaLM, appendix B): 6 per parameter that multiplies, plus attention's 12*L*C*T."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()  # wpe is a lookup
+    # embeddings are lookups, not products: wpe, and wte unless it is tied to the head (GPT-2)
+    lookups = [m.weight for m in model.transformer.values() if isinstance(m, nn.Embedding)]
+    n = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lookups if w is not model.lm_head.weight)
     return 6 * n + 12 * c.n_layer * c.n_embd * T
 
 
-def train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, world, dtype):
+def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, world, dtype):
     """One optimizer update over total_batch_size tokens; returns (loss averaged over ranks, grad norm, lr)."""
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=world.device)
     for micro_step in range(grad_accum_steps):
         x, y = train_loader.next_batch()
@@ -740,12 +945,13 @@ def train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, worl
         raise UserError(f"the loss is {loss_mean} at step {step}: stopping without saving. The checkpoints in "
                         f"--log_dir are untouched: --resume from one with a lower --max_lr")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.lr_horizon)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    multiplier = schedule(cfg)(step, cfg.lr_horizon)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * multiplier  # each group's peak, scaled by the schedule
+        optimizer.step()
     world.synchronize()
-    return loss_mean, norm.item(), lr
+    return loss_mean, norm.item(), optimizers[0].param_groups[0]["lr"]  # the matrices' learning rate
 
 
 class RunLog:
@@ -795,7 +1001,9 @@ def start_wandb(cfg, log_dir, resumed):
     import wandb
 
     id_file = log_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if resumed and id_file.exists() else wandb.util.generate_id()
+    import uuid
+
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:8]
     atomic_write(id_file, lambda f: f.write(run_id.encode()))
     return wandb.init(project=cfg.wandb, name=log_dir.name, id=run_id, resume="allow", dir=str(log_dir),
                       config=dataclasses.asdict(cfg))
@@ -809,10 +1017,10 @@ def create_model(cfg, checkpoint, init_checkpoint):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if checkpoint is not None or init_checkpoint is not None:
         source = checkpoint if checkpoint is not None else init_checkpoint
-        model = GPT(GPTConfig(**source["config"]))
+        model = RECIPES[cfg.recipe](GPTConfig(**source["config"]))
         model.load_state_dict(source["model"])
     elif cfg.init_from == "scratch":
-        model = GPT(model_config(cfg))
+        model = RECIPES[cfg.recipe](model_config(cfg))
     else:
         model = GPT.from_pretrained(cfg.init_from)
     return model
@@ -852,6 +1060,8 @@ def train(cfg, world):
     checkpoint_path, checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume) if cfg.resume else (None, None)
     init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from.endswith(".pt") and not cfg.resume else None
     start_step = checkpoint["step"] if checkpoint is not None else 0
+    if init_checkpoint is not None and (recipe := init_checkpoint.get("args", {}).get("recipe", "gpt2")) != cfg.recipe:
+        raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
     validate(cfg, world, planned_model_config(cfg, checkpoint, init_checkpoint), start_step)
     dtype = resolve_dtype(cfg.dtype, world.device_type)
     if checkpoint is not None and (note := check_resume_flags(checkpoint["args"], cfg, MATH_FLAGS)):
@@ -877,13 +1087,18 @@ def train(cfg, world):
 
     # model and optimizer, fresh or as the checkpoint left them
     raw_model = create_model(cfg, checkpoint, init_checkpoint).to(world.device)
-    hella_examples = load_hellaswag(cfg, world, raw_model.config.block_size) if cfg.hellaswag_every > 0 else None
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, world.device_type)
+    hella_examples = load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
+    lrs = {"learning_rate": cfg.max_lr} if cfg.recipe == "gpt2" else \
+        {"learning_rate": cfg.muon_lr, "embed_lr": cfg.embed_lr, "head_lr": cfg.head_lr}
+    optimizers = raw_model.configure_optimizers(cfg.weight_decay, device_type=world.device_type, **lrs)
     val_loss = None
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
-            group["fused"] = world.device_type == "cuda"
+        saved = checkpoint["optimizer"]
+        for optimizer, state in zip(optimizers, [saved] if isinstance(saved, dict) else saved):  # dict: older files
+            optimizer.load_state_dict(state)
+            for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
+                if "fused" in group:
+                    group["fused"] = world.device_type == "cuda"
         train_loader.load_state_dict(checkpoint["loaders"][0])  # a global position: the same for every rank
         rng = checkpoint["rng"]
         set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)
@@ -904,7 +1119,7 @@ def train(cfg, world):
     try:
         log = RunLog(log_dir, cfg, world, dtype, checkpoint_path)
         with StopSignals() as stop:
-            loop(cfg, world, dtype, model, raw_model, optimizer, train_loader, val_loader, val_steps,
+            loop(cfg, world, dtype, model, raw_model, optimizers, train_loader, val_loader, val_steps,
                  hella_examples, grad_accum_steps, start_step, val_loss, log, stop)
         log.close()
     finally:
@@ -912,7 +1127,7 @@ def train(cfg, world):
             os.close(lock)
 
 
-def loop(cfg, world, dtype, model, raw_model, optimizer, train_loader, val_loader, val_steps, hella_examples,
+def loop(cfg, world, dtype, model, raw_model, optimizers, train_loader, val_loader, val_steps, hella_examples,
          grad_accum_steps, start_step, val_loss, log, stop):
     say, log_dir, B, T = print if world.is_master else (lambda *args: None), Path(cfg.log_dir), \
         cfg.micro_batch_size, cfg.seq_len
@@ -920,7 +1135,7 @@ def loop(cfg, world, dtype, model, raw_model, optimizer, train_loader, val_loade
     stopping = lambda: stop.received is not None  # a stop request cuts evaluations short
 
     def save(step):
-        return save_checkpoint(log_dir, step, raw_model, optimizer, train_loader, val_loss, cfg, world)
+        return save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss, cfg, world)
 
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps  # evals and a checkpoint once more after the last update
@@ -946,15 +1161,15 @@ def loop(cfg, world, dtype, model, raw_model, optimizer, train_loader, val_loade
         if cfg.checkpoint_every > 0 and step > start_step and (step % cfg.checkpoint_every == 0 or last_step):
             path = save(step)
             if last_step:
-                say(f"saved {path}. Next: python plot.py {log_dir / 'log.txt'} | python hellaswag.py -m {path} | "
-                    f"python train_gpt2.py --init_from {path} --sample \"...\"")
+                say(f"saved {path}. Next: curves with `python plot.py {log_dir / 'log.txt'}`; samples with this "
+                    f"command plus `--resume --sample PROMPT`; HellaSwag with `python hellaswag.py -m {path}`")
         if last_step:
             break
 
         t0 = time.time()  # the update alone: evals above are not part of the throughput
         model.train()
         try:
-            loss, norm, lr = train_step(model, optimizer, train_loader, step, grad_accum_steps, cfg, world, dtype)
+            loss, norm, lr = train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, world, dtype)
         except Exception as e:
             if step == start_step and type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
                 raise compile_failed(e) from None
@@ -1019,10 +1234,12 @@ class VocabCrossEntropy(torch.autograd.Function):
     compute dtype (bf16 under autocast: as precise as the bf16 logits they come from; the softmax itself
     sums in float32). Since the loss is the last thing computed, the gradient is formed at once:
     d loss / d logits = (softmax - onehot(target)) / N. Backward only scales what forward kept.
+    With a soft-cap (the modern recipe) the logits are cap * tanh(z / cap) of z = x @ weight.T, and the chain rule
+    adds one factor: d loss / d z = (softmax - onehot(target)) * (1 - tanh(z / cap)**2) / N.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype, chunk_rows, need_grad):
+    def forward(ctx, x, weight, targets, dtype, chunk_rows, need_grad, softcap=None):
         N, V = x.size(0), weight.size(0)
         xc, wc = x.to(dtype), weight.to(dtype)
         # the probabilities of all N rows when training (they become the logits' gradient), else of one chunk
@@ -1033,11 +1250,17 @@ class VocabCrossEntropy(torch.autograd.Function):
             rows, tgt = xc[start:start + chunk_rows], targets[start:start + chunk_rows, None]
             p = probs[start:start + len(rows)] if need_grad else probs[:len(rows)]
             torch.mm(rows, wc.t(), out=p)  # logits (rows, V)
-            p.copy_(torch.softmax(p, dim=1))
-            p_target = p.gather(1, tgt).float()
+            if softcap is None:
+                p.copy_(torch.softmax(p, dim=1))
+                s = p
+            else:  # p keeps tanh(z / cap) for the gradient, s the softmax of the capped logits
+                s = torch.softmax(p.div_(softcap).tanh_() * softcap, dim=1)
+            p_target = s.gather(1, tgt).float()
             loss -= p_target.clamp_min(1e-38).log().sum()  # clamp: a p that underflowed to 0 costs 87, not inf
             if need_grad:
-                p.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
+                s.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
+                if softcap is not None:
+                    p.square_().neg_().add_(1).mul_(s)  # times 1 - tanh**2, into the kept rows
                 torch.mm(p, wc, out=dx[start:start + len(rows)])
         if need_grad:
             ctx.save_for_backward(dx, (probs.t() @ xc).float())  # d weight in one large matmul
@@ -1048,18 +1271,20 @@ class VocabCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
         scale = grad_loss / dx.size(0)  # the 1/N of the mean, and whatever scaled the loss (accumulation)
-        return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None
+        return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None, None
 
 
-def vocab_cross_entropy(x, weight, targets, chunk_rows=128):
-    """Loss of the lm_head on (N, C) hidden states x; follows autocast's dtype like an nn.Linear would."""
+def vocab_cross_entropy(x, weight, targets, softcap=None, chunk_rows=128):
+    """Loss of the lm_head on (N, C) hidden states x, its logits soft-capped at softcap if given; follows
+    autocast's dtype like an nn.Linear would."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         # GPUs run the plain loss fast (and torch.compile fuses it); chunks of 128 rows would mean thousands of
         # small kernel launches per micro-batch there
-        return F.cross_entropy(F.linear(x, weight), targets)
+        logits = F.linear(x, weight)
+        return F.cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), targets)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
     with torch.autocast("cpu", enabled=False):  # dtypes are chosen explicitly inside
-        return VocabCrossEntropy.apply(x, weight, targets, dtype, chunk_rows, torch.is_grad_enabled())
+        return VocabCrossEntropy.apply(x, weight, targets, dtype, chunk_rows, torch.is_grad_enabled(), softcap)
 
 
 if __name__ == "__main__":

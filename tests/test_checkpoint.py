@@ -21,15 +21,36 @@ def run(shards, log_dir, *extra):
     return read_log(log_dir / "log.txt")
 
 
+def assert_same_tensors(a, b, where=""):
+    """Nested dicts/lists of tensors equal bit for bit (torch.equal), everything else equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(shards, tmp_path):
-    straight = run(shards, tmp_path / "a", "--max_steps", "10", "--eval_every", "2")
+    straight = run(shards, tmp_path / "a", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "10")
     run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "4")
     # throw away everything after step 4's checkpoint, as if the machine had died at step 6
     for name in ("model_00008.pt", "model_00010.pt"):
         (tmp_path / "b" / name).unlink()
-    resumed = run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--resume")
+    resumed = run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "10",
+                  "--resume")
     assert straight == resumed  # every train and val value, to the logged digit
     assert "# resume" in (tmp_path / "b" / "log.txt").read_text()  # appended, not wiped
+    a, b = (torch.load(tmp_path / d / "model_00010.pt", weights_only=True) for d in ("a", "b"))
+    assert_same_tensors(a["model"], b["model"], "model")  # the weights, bit for bit
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")  # and the moments of the optimizer
+    assert a["loaders"] == b["loaders"]
 
 
 def test_checkpoint_contents_and_pruning(shards, tmp_path):

@@ -85,6 +85,40 @@ def test_parameter_count_of_gpt2_124m():
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
 
 
+def test_cpu_loss_in_bf16_equals_the_plain_bf16_loss():
+    """Under bf16 autocast (the CPU default where bf16 is native) the chunked loss keeps bf16 probabilities: its
+    loss and gradients must still match F.cross_entropy on the same bf16 logits, upcast to float32."""
+    torch.manual_seed(0)
+    N, C, V = 300, 64, 1000  # several chunks of 128 rows, the last one partial
+    x = torch.randn(N, C, requires_grad=True)
+    w = (0.5 * torch.randn(V, C)).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = train_gpt2.vocab_cross_entropy(x, w, targets)
+    ours.backward()
+    dx, dw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(x, w)  # bf16
+    plain = F.cross_entropy(logits.float(), targets)
+    plain.backward()
+    assert ours.dtype == torch.float32 and abs(ours.item() - plain.item()) < 2e-3 * plain.item()
+    for ours_grad, plain_grad in ((dx, x.grad), (dw, w.grad)):
+        assert ours_grad.dtype == torch.float32
+        assert (ours_grad - plain_grad).norm() < 2e-2 * plain_grad.norm()
+
+
+def test_gpu_and_compiled_paths_use_the_plain_loss(monkeypatch):
+    """Off the CPU the chunks would be thousands of small kernel launches: the plain loss runs instead."""
+    def refuse(*args):
+        raise AssertionError("the chunked CPU loss ran on another device")
+
+    monkeypatch.setattr(train_gpt2.VocabCrossEntropy, "apply", refuse)
+    x, w, t = torch.randn(4, 8, device="meta"), torch.randn(16, 8, device="meta"), torch.zeros(4, dtype=torch.long,
+                                                                                              device="meta")
+    assert train_gpt2.vocab_cross_entropy(x, w, t).device.type == "meta"
+
+
 def test_weights_are_tied_to_one_storage():
     model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32))
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
@@ -105,13 +139,23 @@ def test_init_statistics():
 
 
 def test_configure_optimizers_decays_exactly_the_matrices():
-    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32))
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
+    n_layer = 2
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=n_layer, n_head=2, n_embd=32))
+    [optimizer] = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")  # a list:
+    # the modern recipe trains with two optimizers
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     by_id = {id(p): n for n, p in model.named_parameters()}
-    assert {by_id[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() >= 2}
-    assert {by_id[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.dim() < 2}
+    # the embeddings (wte is lm_head: tied, listed once) and four matrices per block; every bias and LayerNorm
+    # gain goes undecayed
+    matrices = {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        f"transformer.h.{i}.{m}.weight" for i in range(n_layer) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                          "mlp.c_proj")}
+    assert len(matrices) == 2 + 4 * n_layer
+    assert {by_id[id(p)] for p in decay["params"]} == matrices
+    assert {by_id[id(p)] for p in no_decay["params"]} == set(by_id.values()) - matrices
+    assert all(name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+               for name in set(by_id.values()) - matrices)
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
 
 

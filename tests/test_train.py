@@ -1,4 +1,5 @@
 """Training end to end: loader order and memory, LR schedule, the loop, DDP equivalence, bad input."""
+import os
 import re
 import subprocess
 import sys
@@ -134,6 +135,56 @@ def test_get_lr_warmup_cosine_and_floor():
     assert lr(100) == pytest.approx(6e-5) and lr(500) == pytest.approx(6e-5)
 
 
+def lrs_of(out):
+    """{step: lr} from train_gpt2's stdout."""
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"step +(\d+) \| loss \S+ \| lr (\S+)", out)}
+
+
+def test_a_longer_max_steps_on_resume_continues_at_min_lr(shards, tmp_path, capsys):
+    """The README's "carry on" example: the horizon stays that of the run's start, the LR never rises."""
+    args = TINY + ["--data", str(shards), "--log_dir", str(tmp_path), "--eval_every", "0", "--checkpoint_every", "6"]
+    train_gpt2.main(args + ["--max_steps", "6"])
+    first = lrs_of(capsys.readouterr().out)
+    train_gpt2.main(args + ["--max_steps", "10", "--resume"])
+    out = capsys.readouterr().out
+    later = lrs_of(out)
+    assert sorted(later) == [6, 7, 8, 9] and all(lr == pytest.approx(1e-3) for lr in later.values())  # min_lr
+    assert first[5] >= later[6]  # no jump at the seam
+    assert "cosine to 1.00e-03 at step 6, then 1.00e-03 until step 10" in out
+    # a new horizon would rewrite the LR of steps already taken: refused
+    with pytest.raises(SystemExit):
+        train_gpt2.main(args + ["--max_steps", "14", "--lr_horizon", "14", "--resume"])
+    assert "--lr_horizon 14 would change the learning rate" in capsys.readouterr().err
+
+
+def test_a_new_horizon_is_taken_while_the_schedule_is_unchanged(shards, tmp_path, capsys):
+    """Resuming during warmup, the LR so far does not depend on the horizon: a longer schedule is accepted."""
+    args = TINY + ["--data", str(shards), "--log_dir", str(tmp_path), "--eval_every", "0", "--warmup_steps", "4"]
+    train_gpt2.main(args + ["--max_steps", "6", "--checkpoint_every", "2"])
+    (tmp_path / "model_00004.pt").unlink()
+    (tmp_path / "model_00006.pt").unlink()
+    capsys.readouterr()
+    train_gpt2.main(args + ["--max_steps", "12", "--lr_horizon", "12", "--checkpoint_every", "0", "--resume"])
+    lrs = lrs_of(capsys.readouterr().out)
+    expected = {s: get_lr(s, 1e-2, 1e-3, 4, 12) for s in range(2, 12)}
+    assert lrs == pytest.approx(expected, rel=1e-4)  # stdout prints 5 significant digits
+
+
+def test_warmup_as_long_as_the_run_is_refused(tmp_path, capsys):
+    err = run_cli(TINY + ["--data", str(tmp_path), "--warmup_steps", "715", "--max_steps", "200"], tmp_path, capsys)
+    assert "--warmup_steps 715 must be fewer than --max_steps 200" in err
+
+
+def test_help_shows_one_default_per_flag_and_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        train_gpt2.parse_args(["--preset", "moliere", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "optimizer steps (10B tokens / 2**19 tokens per step) (default: 200)" in out
+    assert "(default: input/moliere.txt)" in out and "(default: 19073)" not in out
+    assert "longest context; 0: 1024 (default: 0)" not in out and "(default: 128)" in out
+    assert not re.search(r"\(default[^)]*\) \(default", out)
+
+
 # -- the loop ------------------------------------------------------------------------------------------------
 
 def test_smoke_30_steps_loss_falls(shards, tmp_path, capsys):
@@ -149,6 +200,20 @@ def test_smoke_30_steps_loss_falls(shards, tmp_path, capsys):
     assert header[0].startswith("# run") and "torch" in header[0] and header[1].startswith("# config {")
     out = capsys.readouterr().out
     assert "step    29 | loss" in out and "tok/sec" in out
+
+
+def test_sample_needs_no_data_and_no_log_dir(shards, tmp_path, capsys):
+    """The README's `--init_from ... --sample PROMPT`: samples from the model, reads no data, writes nothing."""
+    log_dir = tmp_path / "log"
+    train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), "--max_steps", "4",
+                            "--checkpoint_every", "4"])
+    nowhere = tmp_path / "nowhere"
+    base = TINY[10:]  # no shape flags: --init_from fixes the shape
+    train_gpt2.main(base + ["--init_from", str(log_dir / "model_00004.pt"), "--data", str(nowhere / "data"),
+                            "--log_dir", str(nowhere), "--sample", "Hello"])
+    out = capsys.readouterr().out
+    samples = [line for line in out.splitlines() if line.startswith("> ")]
+    assert len(samples) == 4 and all(line.startswith("> Hello") for line in samples) and not nowhere.exists()
 
 
 def test_log_has_a_line_per_step_and_evals_after_the_last(shards, tmp_path):
@@ -173,12 +238,14 @@ def test_torchrun_two_ranks_equal_one_process_with_twice_the_accumulation(shards
 
 # -- bad input: one line on stderr, no traceback, nothing written --------------------------------------------
 
-def run_cli(args, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(tmp_path / "log")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert not (tmp_path / "log").exists()
-    return out.stderr.strip()
+def run_cli(args, tmp_path, capsys):
+    """main(argv) in-process: a non-zero exit, one line on stderr, no traceback, nothing written."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main([*args, "--log_dir", str(tmp_path / "log")])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and not (tmp_path / "log").exists()
+    return err
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -189,7 +256,7 @@ def run_cli(args, tmp_path):
     ("T > block_size", "-T 64 is longer than the model's block_size 32"),
     ("unknown preset", "invalid choice: 'gpt5'"),
 ])
-def test_bad_input_is_a_one_line_error(tmp_path, case, expected):
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, case, expected):
     data = write_shards(tmp_path / "shards", [1000, 1000])
     args = TINY + ["--data", str(data)]
     if case == "missing dir":
@@ -205,13 +272,13 @@ def test_bad_input_is_a_one_line_error(tmp_path, case, expected):
         args += ["-T", "64"]
     elif case == "unknown preset":
         args += ["--preset", "gpt5"]
-    lines = run_cli(args, tmp_path).splitlines()
+    lines = run_cli(args, tmp_path, capsys).splitlines()
     assert lines[-1].startswith("train_gpt2.py: error:") and re.search(expected, lines[-1]), lines
     assert len(lines) == 1 or lines[0].startswith("usage:")  # argparse's errors come after its usage line
 
 
-def test_indivisible_batch_names_the_valid_micro_batch_sizes(tmp_path):
-    message = run_cli(TINY + ["--data", str(tmp_path), "--total_batch_size", "384", "-B", "5"], tmp_path)
+def test_indivisible_batch_names_the_valid_micro_batch_sizes(tmp_path, capsys):
+    message = run_cli(TINY + ["--data", str(tmp_path), "--total_batch_size", "384", "-B", "5"], tmp_path, capsys)
     assert "valid -B values: [1, 2, 3, 4, 6, 12]" in message
 
 
@@ -284,3 +351,48 @@ def test_init_from_a_hugging_face_directory(shards, tmp_path):
     assert read_log(tmp_path / "log" / "log.txt")[0, "val"] == f"{expected:.4f}"  # the HF weights, untrained
     with pytest.raises(SystemExit):  # its shape is the checkpoint's: shape flags are refused
         train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path / "x"), "--init_from", str(hf_dir)])
+
+
+def test_running_the_script_never_loads_a_second_copy_of_itself(shards, tmp_path):
+    """Run as a script, train_gpt2 is __main__; if anything it imports (hellaswag.py) imported train_gpt2 back,
+    a second copy with its own GPT and UserError classes would load, and its errors would escape main()."""
+    from test_hellaswag import make_examples, write_jsonl
+
+    data_file = write_jsonl(tmp_path / "hella.jsonl", make_examples(n=4, seed=1))
+    argv = ["train_gpt2.py", *TINY, "--data", str(shards), "--log_dir", str(tmp_path / "log"), "--vocab_size",
+            "50304", "--block_size", "128", "--max_steps", "1", "--warmup_steps", "0", "--hellaswag_every", "1",
+            "--hellaswag_data", str(data_file)]
+    code = ("import runpy, sys\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_path('train_gpt2.py', run_name='__main__')\n"
+            "assert 'train_gpt2' not in sys.modules, 'a second copy of train_gpt2 was loaded'\n"
+            "assert 'hellaswag' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HellaSwag" in out.stdout  # the in-loop evaluation ran through hellaswag.py
+
+
+@pytest.mark.slow
+def test_destroying_the_process_group_stops_its_threads(tmp_path):
+    """DDP must not leave gloo's threads running into interpreter shutdown, where a late one made a rank abort
+    ("terminate called without an active exception", 3 runs in 27): after destroy_process_group only the main
+    thread is left."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train_gpt2\n"
+        "world = train_gpt2.setup_distributed('cpu')\n"
+        "model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))\n"
+        "model(torch.ones(2, 4)).sum().backward()\n"
+        "del model\n"
+        "torch.distributed.barrier()\n"
+        "torch.distributed.destroy_process_group()\n"
+        "names = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
+        "print('threads', world.rank, names)\n"
+        "assert not any('gloo' in n for n in names), names\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("threads") == 2
