@@ -325,3 +325,42 @@ def test_a_stop_during_hellaswag_saves_without_a_partial_score(shards, tmp_path,
     assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
     assert (0, "hella") in log and (2, "hella") not in log and (1, "train") in log and (2, "train") not in log
     assert [p.name for p in (tmp_path / "log").glob("model_*.pt")] == ["model_00002.pt"]
+
+
+def test_init_from_the_hub_offline_is_one_line(shards, tmp_path):
+    """Offline, transformers retries and ends in a traceback; the user gets one line that says what to do."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}  # an empty cache
+    out = subprocess.run([sys.executable, str(train_gpt2.HERE / "train_gpt2.py"), *TINY[10:], "--data", str(shards),
+                          "--log_dir", str(tmp_path / "log"), "--init_from", "gpt2", "--max_steps", "1",
+                          "--warmup_steps", "0"], env=env, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[0].startswith("train_gpt2.py: error: could not load gpt2") and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_a_failure_on_rank_0_reaches_every_rank(monkeypatch):
+    """on_master: rank 0's failure (a download) is shared before anyone waits, so rank 1 stops too instead of
+    sitting in a barrier until the timeout."""
+    world = train_gpt2.DistInfo(rank=1, local_rank=1, world_size=2, device="cpu", device_type="cpu",
+                                is_master=False)
+
+    def all_reduce_as_rank_0_failed(tensor, op=None):
+        tensor.fill_(1)  # the MAX over ranks of "failed": rank 0 said 1
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce_as_rank_0_failed)
+    ran = []
+    with pytest.raises(common.UserError, match="rank 0 failed"):
+        train_gpt2.on_master(world, ran.append, "download")
+    assert ran == []  # only rank 0 downloads
+
+
+def test_peak_flops_knows_the_variants_before_their_base_names(monkeypatch):
+    world = train_gpt2.DistInfo(0, 0, 1, "cuda:0", "cuda", True)
+    expected = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+                "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "Tesla T4": None}
+    for name, flops in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert train_gpt2.peak_flops(world) == flops, name
