@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import common
 import train_gpt2
-from train_gpt2 import GPT, GPTConfig
+from train_gpt2 import GPTConfig
 
 
 def device_name(device):
@@ -159,7 +159,8 @@ def bench_recipe(args, world, dtype, recipe):
                         "mfu": round(100 * flops * tokens_per_s / peak, 1) if peak else None,
                         **peak_memory(world, was_reset)}
 
-            row = {"section": "train", "recipe": recipe, "compile": use_compile, "forward": forward_name, "loss": loss_kind,
+            row = {"section": "train", "recipe": recipe, "compile": use_compile, "forward": forward_name,
+                   "loss": loss_kind,
                    "dtype": dtype, "shape": f"{args.n_layer}x{args.n_embd} B={args.B} T={args.T}"}
             rows.append(guarded(row, "tokens_per_s", measure))
     return rows

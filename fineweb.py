@@ -84,7 +84,8 @@ def read_jsonl(path, field):
                 raise UserError(f"{path}:{line_number}: not valid JSON ({e}); fix or remove the line") from None
             if not isinstance(record, dict) or field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else f"none, a {type(record).__name__}"
-                raise UserError(f"{path}:{line_number}: no field '{field}' (fields: {fields}); pick one with --text_field")
+                raise UserError(f"{path}:{line_number}: no field '{field}' (fields: {fields}); "
+                                f"pick one with --text_field")
             yield text_of(record[field], f"{path}:{line_number}", field)
 
 
@@ -212,7 +213,8 @@ def load_manifest(out, config):
             raise UserError(f"{out} holds shards of another configuration ({'; '.join(changed)}): use another --out, "
                             f"or delete {out} to start over")
     elif any(out.glob("*.npy")):
-        raise UserError(f"{out} holds .npy files but no manifest.json from fineweb.py: use another --out, or delete them")
+        raise UserError(f"{out} holds .npy files but no manifest.json from fineweb.py: use another --out, "
+                        f"or delete them")
     return {"config": config, "shards": [], "complete": False}
 
 

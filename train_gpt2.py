@@ -675,7 +675,11 @@ def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop=lambd
 def sample_text(raw_model, prompt, num_samples, max_new_tokens, seed, device):
     """num_samples continuations of prompt, drawn with a generator of their own (training RNG untouched)."""
     enc = get_tokenizer()
-    idx = torch.tensor([enc.encode_ordinary(prompt)] * num_samples, dtype=torch.long, device=device)
+    ids = enc.encode_ordinary(prompt)
+    if not ids or max(ids) >= raw_model.config.vocab_size:
+        raise UserError(f"the prompt {prompt!r} is empty or has tokens outside the model's vocabulary of "
+                        f"{raw_model.config.vocab_size}")
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = raw_model.training
     raw_model.eval()
@@ -929,7 +933,8 @@ def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, wor
     for micro_step in range(grad_accum_steps):
         x, y = train_loader.next_batch()
         if world.device_type == "cuda":  # pinned memory: the copy runs asynchronously, overlapping compute
-            x, y = x.pin_memory().to(world.device, non_blocking=True), y.pin_memory().to(world.device, non_blocking=True)
+            x = x.pin_memory().to(world.device, non_blocking=True)
+            y = y.pin_memory().to(world.device, non_blocking=True)
         # DDP all-reduces gradients during backward; only the last micro-step needs it, no_sync() skips the rest
         last = micro_step == grad_accum_steps - 1
         with contextlib.nullcontext() if world.world_size == 1 or last else model.no_sync():
@@ -1132,7 +1137,8 @@ def loop(cfg, world, dtype, model, raw_model, optimizers, train_loader, val_load
     say, log_dir, B, T = print if world.is_master else (lambda *args: None), Path(cfg.log_dir), \
         cfg.micro_batch_size, cfg.seq_len
     flops, peak = flops_per_token(raw_model, T), peak_flops(world)
-    stopping = lambda: stop.received is not None  # a stop request cuts evaluations short
+    def stopping():  # a stop request cuts evaluations short
+        return stop.received is not None
 
     def save(step):
         return save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss, cfg, world)

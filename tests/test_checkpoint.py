@@ -1,5 +1,4 @@
 """Checkpoints: exact resume (also across world sizes), torn writes, SIGTERM, refusals, disk full, NaN."""
-import errno
 import os
 import signal
 import subprocess

@@ -210,10 +210,14 @@ def test_sample_needs_no_data_and_no_log_dir(shards, tmp_path, capsys):
     nowhere = tmp_path / "nowhere"
     base = TINY[10:]  # no shape flags: --init_from fixes the shape
     train_gpt2.main(base + ["--init_from", str(log_dir / "model_00004.pt"), "--data", str(nowhere / "data"),
-                            "--log_dir", str(nowhere), "--sample", "Hello"])
+                            "--log_dir", str(nowhere), "--sample", "A"])  # "A" is token 32: in TINY's 128
     out = capsys.readouterr().out
     samples = [line for line in out.splitlines() if line.startswith("> ")]
-    assert len(samples) == 4 and all(line.startswith("> Hello") for line in samples) and not nowhere.exists()
+    assert len(samples) == 4 and all(line.startswith("> A") for line in samples) and not nowhere.exists()
+    with pytest.raises(SystemExit):  # "Hello" is token 15496: outside the vocabulary, one line
+        train_gpt2.main(base + ["--init_from", str(log_dir / "model_00004.pt"), "--data", str(nowhere / "data"),
+                                "--log_dir", str(nowhere), "--sample", "Hello"])
+    assert "has tokens outside the model's vocabulary of 128" in capsys.readouterr().err
 
 
 def test_log_has_a_line_per_step_and_evals_after_the_last(shards, tmp_path):
