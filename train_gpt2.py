@@ -1067,7 +1067,8 @@ def train(cfg, world):
     start_step = checkpoint["step"] if checkpoint is not None else 0
     if init_checkpoint is not None and (recipe := init_checkpoint.get("args", {}).get("recipe", "gpt2")) != cfg.recipe:
         raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
-    validate(cfg, world, planned_model_config(cfg, checkpoint, init_checkpoint), start_step)
+    planned = planned_model_config(cfg, checkpoint, init_checkpoint)
+    validate(cfg, world, planned, start_step)
     dtype = resolve_dtype(cfg.dtype, world.device_type)
     if checkpoint is not None and (note := check_resume_flags(checkpoint["args"], cfg, MATH_FLAGS)):
         say(note)
@@ -1085,7 +1086,7 @@ def train(cfg, world):
     data = resolve_path(cfg.data)
     if data.name == "moliere.txt" and not data.exists():  # the quick start's corpus, fetched on first use
         on_master(world, download_moliere, data)
-    vocab_size = planned_model_config(cfg, checkpoint, init_checkpoint).vocab_size
+    vocab_size = planned.vocab_size
     train_loader = ShardedLoader(data, B, T, "train", world.rank, world.world_size, cfg.seed, vocab_size)
     val_loader = ShardedLoader(data, B, T, "val", world.rank, world.world_size, vocab_size=vocab_size)
     val_steps = max(1, cfg.val_tokens // (B * T * world.world_size))  # the same val tokens for any world size

@@ -209,6 +209,7 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused(shards, tmp_path, capsys):
 # -- stop requests -------------------------------------------------------------------------------------------
 
 def test_stop_signals_say_so_at_once_ignore_repeats_and_a_second_ctrl_c_stops(capfd):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with checkpoints.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == "SIGTERM"
@@ -217,7 +218,7 @@ def test_stop_signals_say_so_at_once_ignore_repeats_and_a_second_ctrl_c_stops(ca
         assert stop.received == "SIGTERM"  # still alive, still saving
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # only a second Ctrl-C stops at once
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers from before are back
 
 
 def test_a_stop_during_evaluation_saves_at_once_and_resumes_exactly(shards, tmp_path, monkeypatch, capsys):
