@@ -286,9 +286,18 @@ def bench_hellaswag(args, world, dtype):
         base = rows[0]["examples_per_s"]  # the one-example loop
         if isinstance(base, float) and isinstance(row["examples_per_s"], float):
             row["speedup"] = round(row["examples_per_s"] / base, 2)
-    if len({row.get("correct_norm") for row in rows}) > 1:
-        print("warning: the methods disagree on acc_norm:", [row.get("correct_norm") for row in rows])
+    counts = [row.get("correct_norm") for row in rows]
+    if methods_disagree(counts, dtype, len(rendered)):
+        print("warning: the methods disagree on acc_norm:", counts)
     return rows
+
+
+def methods_disagree(counts, dtype, examples):
+    """Random weights score the four endings almost alike, so in bf16 rounding alone flips an example now and then
+    (seen on an H200: 60, 60 and 61 of 200): allow 1% there. float32 must agree exactly. None: a row that failed."""
+    counts = [c for c in counts if c is not None]
+    allowed = 0 if dtype == "float32" else examples // 100
+    return bool(counts) and max(counts) - min(counts) > allowed
 
 
 # -----------------------------------------------------------------------------
