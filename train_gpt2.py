@@ -1241,7 +1241,8 @@ class VocabCrossEntropy(torch.autograd.Function):
     then set the pace. Here the logits of `chunk_rows` rows at a time become probabilities in place, in the
     compute dtype (bf16 under autocast: as precise as the bf16 logits they come from; the softmax itself
     sums in float32). Since the loss is the last thing computed, the gradient is formed at once:
-    d loss / d logits = (softmax - onehot(target)) / N. Backward only scales what forward kept.
+    d loss / d logits = (softmax - onehot(target)) / N, and each chunk adds its part of d weight at once, so only
+    one chunk of (rows, vocab) exists at a time. Backward only scales what forward kept.
     With a soft-cap (the modern recipe) the logits are cap * tanh(z / cap) of z = x @ weight.T. Computed as
     2 * cap * sigmoid(2 * z / cap) - cap, the same function (tanh(u) = 2 sigmoid(2u) - 1) at half the cost on a CPU
     (a sigmoid is one exp, a tanh two); the softmax ignores the constant - cap. The chain rule adds one factor,
@@ -1253,13 +1254,13 @@ class VocabCrossEntropy(torch.autograd.Function):
         N, V = x.size(0), weight.size(0)
         xc, wc = x.to(dtype), weight.to(dtype)
         wz = wc if softcap is None else wc * (2 / softcap)  # rows @ wz.T: z, or 2 z / cap for the sigmoid
-        # the probabilities of all N rows when training (they become the logits' gradient), else of one chunk
-        probs = torch.empty(N if need_grad else min(N, chunk_rows), V, dtype=dtype, device=x.device)
+        chunk = torch.empty(min(N, chunk_rows), V, dtype=dtype, device=x.device)  # reused for every chunk
         dx = torch.empty_like(xc) if need_grad else None
+        dw = torch.zeros(V, x.size(1), dtype=torch.float32, device=x.device) if need_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):
             rows, tgt = xc[start:start + chunk_rows], targets[start:start + chunk_rows, None]
-            p = probs[start:start + len(rows)] if need_grad else probs[:len(rows)]
+            p = chunk[:len(rows)]
             torch.mm(rows, wz.t(), out=p)  # logits (rows, V)
             if softcap is None:
                 p.copy_(torch.softmax(p, dim=1))
@@ -1270,11 +1271,15 @@ class VocabCrossEntropy(torch.autograd.Function):
             loss -= p_target.clamp_min(1e-38).log().sum()  # clamp: a p that underflowed to 0 costs 87, not inf
             if need_grad:
                 s.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
-                if softcap is not None:  # times sigmoid (1 - sigmoid), into the kept rows; the 4 comes in backward
+                if softcap is not None:  # times sigmoid (1 - sigmoid), into p; the 4 comes in backward
                     torch.addcmul(p, p, p, value=-1, out=p).mul_(s)
                 torch.mm(p, wc, out=dx[start:start + len(rows)])
+                if dtype == torch.float32:
+                    dw.addmm_(p.t(), rows)  # in place, no temporary
+                else:  # a bf16 product, summed in float32 over the chunks
+                    dw.add_(p.t() @ rows)
         if need_grad:
-            ctx.save_for_backward(dx, (probs.t() @ xc).float())  # d weight in one large matmul
+            ctx.save_for_backward(dx, dw)
             ctx.x_dtype, ctx.chain = x.dtype, 1.0 if softcap is None else 4.0
         return loss / N
 
