@@ -354,7 +354,7 @@ class ModernGPT(GPT):
         theta = 10000.0 ** (-torch.arange(0, hs, 2, device=idx.device, dtype=torch.float32) / hs)  # (hs/2,)
         angles = pos.view(-1, 1, pos.size(-1), 1).float() * theta  # (B or 1, 1, T, hs/2): broadcast over heads
         x = self.transformer.wte(idx)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos(), angles.sin()  # float32; rotary() applies them in q's and k's dtype
         for block in self.transformer.h:
             x = block(x, cos, sin, attn_mask)
         return rms_norm(x)
@@ -888,22 +888,22 @@ def resolve_schedule(cfg, saved_args, start_step):
                             f"--max_steps then continues at " + ("min_lr" if cfg.recipe == "gpt2" else
                             "0, which the modern recipe refuses: resume from a checkpoint before the decay"))
         cfg.lr_horizon = new
-    new = cfg.lr_horizon
+    horizon = cfg.lr_horizon
     if cfg.recipe == "modern":  # WSD ends at LR 0: steps past the horizon would not learn
-        decay = new - int(cfg.cooldown_frac * new)
-        if cfg.max_steps > new:
-            raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {new}, where the "
+        decay = horizon - int(cfg.cooldown_frac * horizon)
+        if cfg.max_steps > horizon:
+            raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {horizon}, where the "
                             f"learning rate is 0: resume from a checkpoint before the decay (step <= {decay}) "
                             f"with --lr_horizon {cfg.max_steps} --max_steps {cfg.max_steps}")
         return None if saved_args is None else (
             f"LR schedule: warmup {cfg.warmup_steps} steps, constant until step {decay}, linear decay to 0 at step "
-            f"{new}; step {start_step} runs at {lr(start_step, new):.4f} x the peak learning rates")
+            f"{horizon}; step {start_step} runs at {lr(start_step, horizon):.4f} x the peak learning rates")
     if saved_args is None:
         return None
     min_lr = cfg.max_lr * cfg.min_lr_ratio
-    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > new else ""
+    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > horizon else ""
     return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
-            f"{new}{after}; step {start_step} runs at {cfg.max_lr * lr(start_step, new):.4e}")
+            f"{horizon}{after}; step {start_step} runs at {cfg.max_lr * lr(start_step, horizon):.4e}")
 
 
 def schedule(cfg):
