@@ -1,7 +1,8 @@
 """
 What train_gpt2.py, fineweb.py and hellaswag.py share, kept out of the lessons: one error type, one way to write
-a file so that it is never seen half-written, downloads, GPT-2's tokenizer, the choice of device and dtype, and
-a lock that keeps two runs out of one output directory.
+a file (or a directory) so that it is never seen half-written, a lock that keeps two runs out of one output
+directory, downloads, the shards' names, GPT-2's tokenizer, the choice of device and dtype, and what a Hugging Face
+export holds.
 
 Importing this file does nothing: the tokenizer, torch and the network are touched only when a function is called.
 """
@@ -11,6 +12,8 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -95,14 +98,33 @@ def lock_directory(directory, program):
     return fd  # keep it: closing the descriptor releases the lock
 
 
+def new_directories(directory):
+    """The directories that mkdir(parents=True) would create for `directory`, outermost first."""
+    missing = []
+    for d in [Path(directory), *Path(directory).parents]:
+        if d.exists():
+            break
+        missing.append(d)
+    return missing[::-1]
+
+
+def remove_if_empty(directories):
+    """Remove the directories this program created (new_directories), innermost first, where nothing is in them."""
+    for d in reversed(directories):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or already gone): keep it
+            return
+
+
 def download(url, path, sha256=None, timeout=60):
     """Fetch url into path once (checked against its Content-Length and, if given, its sha256); a failed or
-    interrupted download leaves nothing under the real name."""
+    interrupted download leaves nothing behind: no file under the real name, and no folder it created."""
     import http.client
     import urllib.request
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = new_directories(path.parent)
     print(f"downloading {url} -> {path}")
 
     def fetch(f):
@@ -121,9 +143,18 @@ def download(url, path, sha256=None, timeout=60):
         if sha256 and digest.hexdigest() != sha256:
             raise OSError(f"sha256 {digest.hexdigest()} differs from the expected {sha256}")
 
-    check = f"sha256sum {path} -> {sha256}" if sha256 else ""
-    hint = f". Fetch it by hand: curl -L {url} -o {path} {check}".rstrip()
-    atomic_write(path, fetch, action=f"download {url} to", hint=hint)
+    # two commands, each runnable as printed (quoted for a shell), rather than one line to take apart
+    hint = f". Fetch it by hand: `curl -L -o {shlex.quote(str(path))} {shlex.quote(url)}`"
+    if sha256:
+        hint += f", then check it: `echo {shlex.quote(f'{sha256}  {path}')} | sha256sum -c`"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, fetch, action=f"download {url} to", hint=hint)
+    except (OSError, UserError) as e:
+        remove_if_empty(created)
+        if isinstance(e, OSError):
+            raise UserError(f"could not create {path.parent} ({e.strerror or e}){hint}") from None
+        raise
     return path
 
 
@@ -134,6 +165,34 @@ MOLIERE_SHA256 = "8cd86b64cf6dc641b4e12f6cbca92c546eaf0342db86d3c489cb5b9be37be0
 
 def download_moliere(path):
     return download(MOLIERE_URL, path, sha256=MOLIERE_SHA256)
+
+
+# -----------------------------------------------------------------------------
+# Token shards: fineweb.py writes them and train_gpt2.py reads them, so their names are defined here, once.
+
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
+SHARD_HINT = "HINT: make shards with `python fineweb.py` (or pass --data PATH: a shard directory or a .txt file)"
+
+
+def shard_name(prefix, index):
+    """{prefix}_{split}_{index:06d}.npy, build-nanogpt's names: shard 0 is the validation split, the rest train."""
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def list_shards(directory):
+    """[(split, path)] of a directory's shards in index order, checked as a set: one prefix, indices 0..N-1."""
+    found = sorted((int(m["index"]), m["prefix"], m["split"], p) for p in Path(directory).iterdir()
+                   if (m := SHARD_NAME.match(p.name)))
+    if not found:
+        raise UserError(f"no shards (*_val_000000.npy, *_train_000001.npy, ...) in {directory}. {SHARD_HINT}")
+    prefixes = sorted({prefix for _, prefix, _, _ in found})
+    if len(prefixes) > 1:
+        raise UserError(f"{directory} mixes shards of several runs (prefixes {', '.join(prefixes)}): keep one")
+    indices = [i for i, _, _, _ in found]
+    if indices != list(range(len(found))):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))[:5] or "duplicates"
+        raise UserError(f"{directory}: shard indices have gaps (missing {missing}): a shard was lost; rerun fineweb.py")
+    return [(split, p) for _, _, split, p in found]
 
 
 # -----------------------------------------------------------------------------
@@ -199,9 +258,72 @@ def autocast(device_type, dtype):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face export: GPT-2's tokenizer goes beside the weights, so that AutoTokenizer, pipeline() and
-# lm-eval-harness work from the directory alone. Without tokenizer files transformers 5 quietly builds an EMPTY
-# GPT-2 tokenizer, and pipeline("text-generation") then hands back the prompt unchanged.
+# Hugging Face: which GPT-2s our GPT computes exactly, and exports. GPT-2's tokenizer goes beside the weights, so that
+# AutoTokenizer, pipeline() and lm-eval-harness work from the directory alone. Without tokenizer files transformers 5
+# quietly builds an EMPTY GPT-2 tokenizer, and pipeline("text-generation") then hands back the prompt unchanged.
+
+def gpt2_differences(config):
+    """The settings in which a transformers config differs from the GPT-2 that train_gpt2.GPT computes; empty when
+    it computes it exactly: the same activation, MLP width, LayerNorm epsilon, attention scaling and tied head.
+    (Cerebras-GPT, for one, is a "gpt2" with another activation: loaded into our GPT it would compute something
+    else, silently.)"""
+    get = functools.partial(getattr, config)
+    checks = {
+        "model_type": get("model_type", None) == "gpt2",
+        "activation_function": get("activation_function", None) in ("gelu_new", "gelu_pytorch_tanh"),
+        "n_inner": get("n_inner", None) in (None, 4 * get("n_embd", 0)),
+        "layer_norm_epsilon": get("layer_norm_epsilon", None) == 1e-5,
+        "scale_attn_weights": get("scale_attn_weights", True),
+        "scale_attn_by_inverse_layer_idx": not get("scale_attn_by_inverse_layer_idx", False),
+        "reorder_and_upcast_attn": not get("reorder_and_upcast_attn", False),
+        "tie_word_embeddings": get("tie_word_embeddings", True),
+        "add_cross_attention": not get("add_cross_attention", False),
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
+# what save_pretrained writes: a directory holding these files and nothing else is one of our exports
+EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt"}
+
+
+def export_directory(directory, write):
+    """write(tmp) into a fresh temporary directory beside `directory`, then rename it into place: an export is
+    complete or absent, and only files inside the new directory are ever written (a link planted under one of the
+    names transformers writes is never followed). An existing `directory` is replaced only when it is one of our
+    exports (EXPORT_FILES, regular files); anything else is refused. All files get the mode open() would give."""
+    directory = Path(directory)
+    if directory.is_symlink() or directory.exists():
+        if not directory.is_dir() or directory.is_symlink():
+            raise UserError(f"{directory} exists and is not a directory: choose another name for the export")
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in EXPORT_FILES or not p.is_file()
+                         or p.is_symlink())
+        if foreign:
+            raise UserError(f"{directory} exists and is not a model exported by save_pretrained (it holds "
+                            f"{', '.join(foreign[:3])}): choose another directory, or empty it")
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise UserError(f"could not write {directory} ({e.strerror or e})") from None
+    old = None
+    try:
+        write(tmp)
+        for p in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors make owner-only files: one mode for all
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask())
+        if directory.exists():  # an earlier export: moved aside, so the new one takes its name in one rename
+            old = directory.with_name(f"{tmp.name}.old")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    except OSError as e:
+        if old is not None and not directory.exists():
+            os.replace(old, directory)
+        raise UserError(f"could not write {directory} ({e.strerror or e}); nothing was changed there") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return directory
+
 
 def save_hf_tokenizer(directory, vocab_size=EOT + 1, model_max_length=None):
     """Write GPT-2's tokenizer, converted from the tiktoken encoding we train with, into an exported model's
