@@ -1,10 +1,16 @@
 """
-Plot training logs: log.txt -> train loss, val loss and HellaSwag curves, against GPT-2/GPT-3 for FineWeb-Edu runs.
+Plot training logs: log.txt -> train loss, val loss and HellaSwag curves, with reference lines for the corpus the
+runs trained on (GPT-2 and GPT-3 on FineWeb-Edu; unigram and bigram models on Molière).
 
-    python plot.py log/log.txt                                # -> results/train_loss.png, val_loss.png, hellaswag.png
-    python plot.py log_moliere/log.txt log_moliere_modern/log.txt  # runs overlaid, one colour and label each
+    python plot.py log_moliere/log.txt                        # -> log_moliere/train_loss.png, val_loss.png
+    python plot.py log/log.txt                                # -> log/train_loss.png, val_loss.png, hellaswag.png
+    python plot.py log_moliere/log.txt log_moliere_modern/log.txt  # overlaid, one colour and label each
     python plot.py run1/log.txt run2/log.txt --labels a b     # labels of your choice (default: each log's dir)
     python plot.py build-nanogpt/log/log.txt --out figs       # build-nanogpt's logs read unchanged
+
+The PNGs go beside the log (several logs: into the first one's directory, overlaid) unless --out names a
+directory, so plotting a run of your own never overwrites the committed results/*.png. Train loss is drawn raw
+(faint) and smoothed (a line fitted over the steps within --smooth 0.1 = 10% of each step; see smooth()).
 
 A log holds one record per line, `{step} train {loss}`, `{step} val {loss}`, `{step} hella {acc_norm}`;
 lines starting with `#` are comments except `# config {json}`, whose total_batch_size gives tokens per step
@@ -17,9 +23,11 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from common import UserError, atomic_write
 
-# The record kinds we plot (others: lr, norm, sample, ... are skipped) -> (file, y label, name in messages)
+# The record kinds we plot (others: lr, norm, sample, ... are skipped) -> (file, what it shows, name in messages)
 METRICS = {"train": ("train_loss.png", "train loss", "train loss"),
            "val": ("val_loss.png", "val loss", "val loss"),
            "hella": ("hellaswag.png", "HellaSwag acc_norm", "HellaSwag")}
@@ -28,10 +36,18 @@ DEFAULT_DATA = "edu_fineweb10B"  # train_gpt2.py's --data default: a config with
 # GPT-2 124M as released by OpenAI, measured the same way we measure (build-nanogpt's numbers):
 GPT2_VAL_LOSS = 3.2924  # on the FineWeb-Edu val shard (edufineweb_val_000000.npy)
 GPT2_HELLA, GPT3_HELLA = 0.2955, 0.337  # HellaSwag acc_norm; GPT-3 124M's (zero-shot) is from the GPT-3 paper
-# Reference lines, in black and grey so they never share a colour with a run (runs take C0, C1, ...). They are
-# drawn only for runs on FineWeb-Edu: a Moliere run's val loss is on other text, and its HellaSwag says little.
-REFERENCES = {"val": [(GPT2_VAL_LOSS, "GPT-2 124M on FineWeb-Edu val", "black", "--")],
-              "hella": [(GPT2_HELLA, "GPT-2 124M", "black", "--"), (GPT3_HELLA, "GPT-3 124M, its paper", "grey", ":")]}
+# What a model with no context (unigram) or one token of it (bigram) scores on Molière's val split (the last 10% of
+# the tokens, GPT-2's tokenizer, nats per token; the README's figures): a run below the bigram line has learned more
+# than which token tends to follow which.
+MOLIERE_UNIGRAM, MOLIERE_BIGRAM = 5.97, 3.72
+# Reference lines: (corpus, value, label, colour, style), in black and grey so they never share a colour with a run
+# (runs take C0, C1, ...). A line is drawn only when a run trained on its corpus (see corpus()): a loss on other text
+# is not comparable with it, and a Molière run's HellaSwag says little.
+REFERENCES = {"val": [("fineweb-edu", GPT2_VAL_LOSS, "GPT-2 124M on FineWeb-Edu val", "black", "--"),
+                      ("moliere", MOLIERE_UNIGRAM, "unigram model on Molière val", "grey", ":"),
+                      ("moliere", MOLIERE_BIGRAM, "bigram model on Molière val", "black", "-.")],
+              "hella": [("fineweb-edu", GPT2_HELLA, "GPT-2 124M", "black", "--"),
+                        ("fineweb-edu", GPT3_HELLA, "GPT-3 124M, its paper", "grey", ":")]}
 
 
 def parse_log(path):
@@ -71,19 +87,37 @@ def parse_log(path):
     return log
 
 
-def maybe_fineweb(log):
-    """Did this run train on FineWeb-Edu? A log without a config line (build-nanogpt's) counts as yes: that is
-    what build-nanogpt trains on, and the reference lines' labels say which data they hold for."""
-    return log["data"] is None or "fineweb" in Path(log["data"]).name.lower()
+def corpus(log):
+    """The corpus a run trained on, as REFERENCES names it: "fineweb-edu", "moliere", or None for other text.
+    A log without a config line (build-nanogpt's) counts as FineWeb-Edu: that is what build-nanogpt trains on,
+    and the reference lines' labels say which data they hold for."""
+    name = Path(log["data"] or DEFAULT_DATA).name.lower()
+    if "fineweb" in name:
+        return "fineweb-edu"
+    return "moliere" if name.endswith(("moliere.txt", "molière.txt")) else None
 
 
-def ema(values, beta):
-    """Exponential moving average, bias-corrected (as Adam does) so the start isn't pulled towards 0."""
-    out, avg = [], 0.0
-    for i, value in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * value
-        out.append(avg / (1 - beta**i))
-    return out
+def smooth(steps, values, frac):
+    """The train loss at each step s, read off a straight line fitted to the losses of the steps from s * (1 - frac)
+    to s * (1 + frac) (fewer near the last step).
+
+    Why not an EMA: it averages only the past, so it lags a loss that falls fast: on the 200-step Molière quick start
+    (results/moliere_gpt2/log.txt) an EMA of 0.95 sat up to 2.1 above the raw loss in the first 50 steps. This window
+    is centred, so a trend pulls it neither way; a line rather than a mean keeps that true where the window is cut
+    short at the end. Its width is a fraction of the step because a loss curve changes on that scale (by 0.3 a step
+    at first, by noise alone later): 10% is raw for the first 10 steps, ±20 steps at step 200 and ±1,900 at step
+    19,073, so runs of any length are smoothed alike, without knowing where they will end.
+    """
+    x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    lo = np.searchsorted(x, x * (1 - frac), side="left")  # x is sorted: each step's window is x[lo[i]:hi[i]]
+    hi = np.searchsorted(x, x * (1 + frac), side="right")
+    out = np.empty_like(y)
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        wx, wy = x[a:b], y[a:b]
+        dx = wx - wx.mean()  # least squares: the line passes through the window's means with this slope
+        slope = (dx * (wy - wy.mean())).sum() / (dx * dx).sum() if b - a > 1 else 0.0  # one step alone: its value
+        out[i] = wy.mean() + slope * (x[i] - wx.mean())
+    return out.tolist()
 
 
 def token_unit(tokens):
@@ -127,26 +161,38 @@ def log_ticks(lo, hi, count=10):
     return ticks
 
 
-def plot_metric(plt, runs, kind, beta=0, tokens_per_step=None):
-    """The figure of `kind` for every run (raw faintly, smoothed on top if beta), references dashed; the caller
+def title(what, labels):
+    """`what: run1 vs run2`, or the number of runs when their names would not fit on one line."""
+    names = " vs ".join(labels)
+    return f"{what}: {names}" if len(names) <= 70 else f"{what}: {len(labels)} runs (see the legend)"
+
+
+def plot_metric(plt, runs, kind, frac=0, tokens_per_step=None):
+    """The figure of `kind` for every run (raw faintly, smoothed on top if frac), references dashed; the caller
     saves and closes it. Runs keep their colour (C{i}) across figures, even where one has no records of `kind`."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    last_step = 0
+    last_step, what = 0, METRICS[kind][1]
     for i, (label, log) in enumerate(runs):
         steps = sorted(log[kind])
         values = [log[kind][s] for s in steps]
         if not steps:
             continue
         last_step = max(last_step, steps[-1])
-        if beta:  # noisy per-step losses: the smoothed curve carries the label, the raw one is context
+        if frac:  # noisy per-step losses: the smoothed curve carries the label, the raw one is context
             ax.plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, ema(values, beta), color=f"C{i}", label=f"{label} (EMA {beta})")
+            smoothed = smooth(steps, values, frac)
+            ax.plot(steps, smoothed, color=f"C{i}", label=f"{label} (smoothed, ±{frac:.0%} of step)")
         else:  # evals are already averages over many tokens/examples: plot them as they are, with markers
             ax.plot(steps, values, color=f"C{i}", marker="." if len(steps) < 100 else None, label=label)
-    if any(maybe_fineweb(log) for _, log in runs):
-        for value, text, color, style in REFERENCES.get(kind, []):
+    if frac:  # one legend entry says what the faint curves are
+        ax.plot([], [], color="grey", alpha=0.5, linewidth=0.8, label="faint: raw, each step")
+    corpora = {corpus(log) for _, log in runs if log[kind]}
+    for name, value, text, color, style in REFERENCES.get(kind, []):
+        if name in corpora:
             ax.axhline(value, color=color, linestyle=style, linewidth=1, label=f"{text} ({value})")
+    ax.set_title(title(what, [label for label, log in runs if log[kind]]))
     if kind != "hella":  # a loss falling from ~11 to ~3 reads better on a log scale, with plain-number ticks
+        what += " (nats per token, log scale)"
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
         ax.yaxis.set_major_locator(plt.FixedLocator(log_ticks(lo, hi)))
@@ -155,23 +201,26 @@ def plot_metric(plt, runs, kind, beta=0, tokens_per_step=None):
         ax.set_ylim(lo, hi)
     if tokens_per_step:
         add_token_axis(ax, tokens_per_step, last_step)
-    ax.set(xlabel="step", ylabel=METRICS[kind][1])
+    ax.set(xlabel="step", ylabel=what)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def summary(label, log, tokens_per_step, beta):
+def summary(label, log, tokens_per_step, frac):
     """One line per run: what a reader compares first (best val, best HellaSwag, where training ended)."""
     parts = [label]
     if log["train"]:
         steps = sorted(log["train"])
-        final = ema([log["train"][s] for s in steps], beta)[-1] if beta else log["train"][steps[-1]]
         # the train line of step k is the k-th update, so steps 0..k mean k+1 batches of tokens seen
         tokens = (steps[-1] + 1) * tokens_per_step
         scale, unit = token_unit(tokens)
-        parts.append(f"{steps[-1] + 1} steps, {tokens / scale:.2f}{unit} tokens, final train loss {final:.4f}")
+        # The last record is what training printed last (one batch: noisy); the smoothed value is the curve's end.
+        final = f"final train loss {log['train'][steps[-1]]:.4f} (raw, step {steps[-1]})"
+        if frac:
+            final += f", {smooth(steps, [log['train'][s] for s in steps], frac)[-1]:.4f} (smoothed)"
+        parts.append(f"{steps[-1] + 1} steps, {tokens / scale:.2f}{unit} tokens, {final}")
     for kind, name, best in (("val", "min val loss", min), ("hella", "max HellaSwag", max)):
         if log[kind]:
             step = best(log[kind], key=log[kind].get)
@@ -185,15 +234,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot train/val loss and HellaSwag from log.txt files.")
     parser.add_argument("logs", nargs="+", help="log.txt files (train_gpt2.py's or build-nanogpt's)")
     parser.add_argument("--labels", nargs="+", help="legend label per log (default: each log's directory name)")
-    parser.add_argument("--out", default="results", help="output dir, relative to the current dir (default: results)")
+    parser.add_argument("--out", help="output dir (default: the log's own directory; with several logs, the first "
+                        "one's, where the overlaid PNGs go)")
     parser.add_argument("--tokens_per_step", type=int, default=524288,
                         help="used when a log has no '# config' line (default 2**19, the GPT-2 124M recipe)")
-    parser.add_argument("--smooth", type=float, default=0.95, help="train loss EMA coefficient (default 0.95), 0 = raw")
+    parser.add_argument("--smooth", type=float, default=0.1,
+                        help="train loss smoothing: at step s, a line fitted over steps s*(1-SMOOTH) to s*(1+SMOOTH) "
+                        "(default 0.1, up to 0.5); 0 = raw")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.logs):
         parser.error(f"--labels got {len(args.labels)} labels for {len(args.logs)} logs")
-    if not 0 <= args.smooth < 1 or args.tokens_per_step < 1:
-        parser.error("--smooth must be in [0, 1) and --tokens_per_step at least 1")
+    if not 0 <= args.smooth <= 0.5 or args.tokens_per_step < 1:  # 0.95, an EMA's beta, would blur the whole run
+        parser.error("--smooth must be in [0, 0.5] (a fraction of the step) and --tokens_per_step at least 1")
     try:
         plot_logs(args)
     except UserError as e:  # a missing or empty log, an unwritable --out: one line, no traceback
@@ -214,7 +266,7 @@ def plot_logs(args):
     matplotlib.use("Agg")  # headless: no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
-    out = Path(args.out)
+    out = Path(args.out or Path(args.logs[0]).parent)  # beside the (first) log: never over the committed results/
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

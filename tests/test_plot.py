@@ -1,5 +1,6 @@
-"""plot.py: log parsing (headers, resumes, junk lines), the three PNGs, overlays, reference lines only for FineWeb-Edu
-runs, readable loss ticks, labels and error messages."""
+"""plot.py: log parsing (headers, resumes, junk lines), the three PNGs and where they go, overlays, reference lines
+only for runs on their corpus (FineWeb-Edu, Molière), smoothing without lag (on the committed quick-start logs),
+readable loss ticks, titles, labels and error messages."""
 import itertools
 import subprocess
 import sys
@@ -83,10 +84,17 @@ def test_parse_build_nanogpt_log(tmp_path):
     assert log["tokens_per_step"] is None and log["data"] is None and log["skipped"] == 0
 
 
-def test_ema_is_bias_corrected():
-    assert plot.ema([4.0] * 5, 0.9) == pytest.approx([4.0] * 5)  # no pull towards 0 at the start
-    smoothed = plot.ema([10.0, 0.0], 0.5)
-    assert smoothed == pytest.approx([10.0, 10.0 / 3])  # (0.5 * 5 + 0) / (1 - 0.25)
+def test_smoothing_follows_a_trend_without_lag():
+    steps = list(range(300))
+    assert plot.smooth(steps, [4.0] * 300, 0.1) == pytest.approx([4.0] * 300)  # no pull towards 0 at the start
+    # A loss falling along a line is its own smoothed curve, at the end too: an EMA of 0.95 would sit
+    # 0.95 / 0.05 = 19 steps behind, 0.57 above the line
+    line = [10 - 0.03 * s for s in steps]
+    assert plot.smooth(steps, line, 0.1) == pytest.approx(line)
+    # steps 0-9 have only themselves within 10%; step 100 the 21 steps 90..110, whose mean is the value at 100
+    noisy = [3 + (-1) ** s * 0.1 for s in steps]
+    smoothed = plot.smooth(steps, noisy, 0.1)
+    assert smoothed[:10] == pytest.approx(noisy[:10]) and smoothed[100] == pytest.approx(3 + 0.1 / 21)
 
 
 def assert_real_png(path):
@@ -117,11 +125,12 @@ def test_main_writes_three_pngs_and_summary(tmp_path, capsys):
         if name == "train_loss.png":  # plus the raw curve under it: C0 at alpha 0.25 on white
             assert count_colour(pixels, "#c7ddec") > 200
     summary = capsys.readouterr().out.strip().splitlines()[-1]
-    # the final train loss is the bias-corrected EMA (default 0.95) of all 100 train losses, written out in full
+    # the final train loss twice, each labelled: the last record, and the smoothed curve's end (default --smooth
+    # 0.1): the line fitted to steps 90..99 (within 10% of 99; none after it), evaluated at 99
     losses = np.array(list(plot.parse_log(path)["train"].values()))
-    weights = 0.05 * 0.95 ** np.arange(99, -1, -1)
-    final = (weights * losses).sum() / (1 - 0.95**100)
-    assert summary.startswith(f"myrun | 100 steps, 52.43M tokens, final train loss {final:.4f} |")  # 100 * 2**19
+    smoothed = np.polyval(np.polyfit(np.arange(90, 100), losses[90:], 1), 99)
+    assert summary.startswith(f"myrun | 100 steps, 52.43M tokens, final train loss {losses[99]:.4f} (raw, step 99), "
+                              f"{smoothed:.4f} (smoothed) |")  # 100 * 2**19 tokens
     # val at step 90 = 3 + 8 * exp(-3) + 0.1; HellaSwag rises with the step, so its last eval (80) is best
     assert "min val loss 3.4983 @ step 90" in summary and "max HellaSwag 0.2700 @ step 80" in summary
 
@@ -140,9 +149,11 @@ def test_two_logs_overlay_with_distinct_labels(tmp_path, capsys):
     assert f"final train loss {plot.parse_log(second)['train'][79]:.4f}" in out
 
 
-def run_main(monkeypatch, argv):
+def run_main(monkeypatch, argv, save=False):
     """plot.main(argv), returning what each figure shows, read before main saves and closes it: {kind: dict(
-    legend=[texts], runs={label: colour}, refs=[y of the reference lines], yticks=[(y, label) on the axis])}."""
+    legend=[texts], runs={label: colour}, curves={colour: y values of the labelled run line}, refs=[y of the
+    reference lines], yticks=[(y, label) on the axis], title=, ylabel=, yscale=)}. The PNGs are written only if
+    `save` (rendering them again takes most of a test's time; other tests check them)."""
     shown, draw = {}, plot.plot_metric
 
     def spy(plt, runs, kind, *args):
@@ -151,32 +162,42 @@ def run_main(monkeypatch, argv):
         ax = fig.axes[0]
         lo, hi = ax.get_ylim()
         lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]  # the labelled ones
+        runs = [line for line in lines if line.get_linestyle() == "-" and str(line.get_color()).startswith("C")]
         shown[kind] = {"legend": [t.get_text() for t in ax.get_legend().get_texts()],
-                       "runs": {line.get_label(): line.get_color() for line in lines if line.get_linestyle() == "-"},
+                       "runs": {line.get_label(): line.get_color() for line in runs},
+                       "curves": {line.get_color(): np.asarray(line.get_ydata(), dtype=float) for line in runs},
                        "refs": [line.get_ydata()[0] for line in lines if line.get_linestyle() != "-"],
                        "yticks": [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels()
-                                  if t.get_text() and lo <= t.get_position()[1] <= hi]}
+                                  if t.get_text() and lo <= t.get_position()[1] <= hi],
+                       "title": ax.get_title(), "ylabel": ax.get_ylabel(), "yscale": ax.get_yscale()}
         return fig
 
     monkeypatch.setattr(plot, "plot_metric", spy)
+    if not save:
+        monkeypatch.setattr(plot, "atomic_write", lambda path, write: None)
     plot.main(argv)
     return shown
 
 
-@pytest.mark.parametrize("config, fineweb", [
-    ('{"total_batch_size": 524288}', True),  # train_gpt2.py's default --data, edu_fineweb10B
-    ('{"data": "/data/FineWeb-Edu_sample/"}', True),  # shards made elsewhere, named for what they hold
-    ('{"data": "input/moliere.txt", "preset": "moliere"}', False),  # 3.2924 on other text means nothing here
-    (None, True),  # build-nanogpt's logs have no config line: they train on FineWeb-Edu
+@pytest.mark.parametrize("config, corpus", [
+    ('{"total_batch_size": 524288}', "fineweb"),  # train_gpt2.py's default --data, edu_fineweb10B
+    ('{"data": "/data/FineWeb-Edu_sample/"}', "fineweb"),  # shards made elsewhere, named for what they hold
+    (None, "fineweb"),  # build-nanogpt's logs have no config line: they train on FineWeb-Edu
+    ('{"data": "input/moliere.txt", "preset": "moliere"}', "moliere"),  # 3.2924 on other text means nothing here
+    ('{"data": "input/vim_help.txt"}', None),  # other text: no line is comparable
 ])
-def test_reference_lines_only_for_fineweb_runs(tmp_path, monkeypatch, config, fineweb):
+def test_reference_lines_only_for_runs_on_their_corpus(tmp_path, monkeypatch, config, corpus):
     path = write(tmp_path / "run" / "log.txt", fake_run(60, config=config))
     shown = run_main(monkeypatch, [str(path), "--out", str(tmp_path / "out")])
     assert shown["train"]["refs"] == []
-    if fineweb:
+    if corpus == "fineweb":
         assert shown["val"]["refs"] == [3.2924] and shown["hella"]["refs"] == [0.2955, 0.337]
         assert shown["val"]["legend"] == ["run", "GPT-2 124M on FineWeb-Edu val (3.2924)"]
         assert shown["hella"]["legend"] == ["run", "GPT-2 124M (0.2955)", "GPT-3 124M, its paper (0.337)"]
+    elif corpus == "moliere":  # the README's unigram and bigram models of Molière, on its val split
+        assert shown["val"]["refs"] == [5.97, 3.72] and shown["hella"]["refs"] == []
+        assert shown["val"]["legend"] == ["run", "unigram model on Molière val (5.97)",
+                                          "bigram model on Molière val (3.72)"]
     else:
         assert shown["val"]["refs"] == [] and shown["hella"]["refs"] == []
         assert shown["val"]["legend"] == ["run"] and shown["hella"]["legend"] == ["run"]
@@ -187,11 +208,82 @@ def test_overlay_labels_runs_by_directory_in_distinct_colours(tmp_path, monkeypa
     first = write(tmp_path / "log_moliere" / "log.txt", fake_run(60, config=moliere, hella=False))
     second = write(tmp_path / "log_moliere_modern" / "log.txt", fake_run(60, 0.5, config=moliere, hella=False))
     shown = run_main(monkeypatch, [str(first), str(second), "--out", str(tmp_path / "out")])
-    assert shown["train"]["runs"] == {"log_moliere (EMA 0.95)": "C0", "log_moliere_modern (EMA 0.95)": "C1"}
+    assert shown["train"]["runs"] == {"log_moliere (smoothed, ±10% of step)": "C0",
+                                      "log_moliere_modern (smoothed, ±10% of step)": "C1"}
+    assert shown["train"]["legend"][-1] == "faint: raw, each step"  # says what the faint curves are
     assert shown["val"]["runs"] == {"log_moliere": "C0", "log_moliere_modern": "C1"}
-    assert shown["val"]["legend"] == ["log_moliere", "log_moliere_modern"]  # and no GPT-2 line on Moliere
+    assert shown["val"]["legend"][:2] == ["log_moliere", "log_moliere_modern"]  # then Molière's n-gram lines
     out = capsys.readouterr().out
     assert "\nlog_moliere | 60 steps" in out and "\nlog_moliere_modern | 60 steps" in out
+
+
+def test_figures_have_titles_and_say_which_axis_is_logarithmic(tmp_path, monkeypatch):
+    first = write(tmp_path / "run_a" / "log.txt", fake_run(60))
+    second = write(tmp_path / "run_b" / "log.txt", fake_run(60, 0.5))
+    shown = run_main(monkeypatch, [str(first), str(second), "--out", str(tmp_path / "out")])
+    assert shown["train"]["title"] == "train loss: run_a vs run_b"
+    assert shown["val"]["title"] == "val loss: run_a vs run_b"
+    assert shown["hella"]["title"] == "HellaSwag acc_norm: run_a vs run_b"
+    for kind, what in (("train", "train loss"), ("val", "val loss")):  # losses on a log axis, and the label says so
+        assert shown[kind]["yscale"] == "log" and shown[kind]["ylabel"] == f"{what} (nats per token, log scale)"
+    assert shown["hella"]["yscale"] == "linear" and shown["hella"]["ylabel"] == "HellaSwag acc_norm"
+    # too many names for one line: the title counts the runs, the legend names them
+    names = [f"a_rather_long_run_name_{i}" for i in range(4)]
+    assert plot.title("val loss", names) == "val loss: 4 runs (see the legend)"
+
+
+def test_pngs_go_beside_the_log_not_into_results(tmp_path, monkeypatch, capsys):
+    # As the README's quick start has it, from the checkout: results/ holds the committed plots, which a plot of
+    # one's own run must not overwrite
+    monkeypatch.chdir(tmp_path)
+    committed = write(tmp_path / "results" / "train_loss.png", "the committed plot")
+    write(tmp_path / "log_moliere" / "log.txt", fake_run(60, config='{"data": "input/moliere.txt"}', hella=False))
+    plot.main(["log_moliere/log.txt"])
+    assert committed.read_bytes() == b"the committed plot"  # untouched, and nothing added beside it
+    assert [p.name for p in committed.parent.iterdir()] == ["train_loss.png"]
+    assert_real_png(tmp_path / "log_moliere" / "train_loss.png")
+    assert_real_png(tmp_path / "log_moliere" / "val_loss.png")
+    assert "wrote log_moliere/train_loss.png\nwrote log_moliere/val_loss.png\n" in capsys.readouterr().out
+    # several logs: overlaid in the first one's directory (the second's holds only its log)
+    write(tmp_path / "log_moliere_modern" / "log.txt", fake_run(40, 0.5, hella=False))
+    (tmp_path / "log_moliere" / "train_loss.png").unlink()
+    plot.main(["log_moliere/log.txt", "log_moliere_modern/log.txt"])
+    assert_real_png(tmp_path / "log_moliere" / "train_loss.png")
+    assert [p.name for p in (tmp_path / "log_moliere_modern").iterdir()] == ["log.txt"]
+    assert committed.read_bytes() == b"the committed plot"
+    # --help says where the PNGs go without --out (which every other test passes)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        plot.main(["--help"])
+    assert "the log's own directory; with several logs, the first one's" in " ".join(capsys.readouterr().out.split())
+
+
+def local_mean(values, half):
+    """The mean of the values within `half` records either side, fewer near the ends so the window stays centred."""
+    n = len(values)
+    return np.array([values[i - k:i + k + 1].mean() for i in range(n) for k in [min(half, i, n - 1 - i)]])
+
+
+def test_smoothed_train_loss_tracks_the_raw_loss_of_the_quick_start(tmp_path, monkeypatch, capsys):
+    # The committed 200-step quick-start runs, whose loss falls from 10.8 to 5.7 in 25 steps. Within the first 50
+    # steps the drawn smoothed curve is at most 0.137 (gpt2; modern 0.215) from the raw loss's centred mean over 7
+    # steps, +0.001 (+0.009) on average. The bound, 0.25, is about 4 times one step's noise (std 0.057 after step
+    # 50): the curve is raw for its first 10 steps, so it can't be closer than that noise. The EMA of 0.95 it
+    # replaces sat up to 2.1 (modern 2.8) above, +1.2 (+1.6) on average, lagging the fall by about 19 steps.
+    logs = [ROOT / "results" / "moliere_gpt2" / "log.txt", ROOT / "results" / "moliere_modern" / "log.txt"]
+    shown = run_main(monkeypatch, [str(p) for p in logs] + ["--out", str(tmp_path)])
+    for colour, path in zip(("C0", "C1"), logs):
+        raw = np.array([value for _, value in sorted(plot.parse_log(path)["train"].items())])
+        gap = shown["train"]["curves"][colour][:50] - local_mean(raw, 3)[:50]
+        assert np.abs(gap).max() < 0.25 and abs(gap.mean()) < 0.03, (path, np.abs(gap).max(), gap.mean())
+    assert shown["val"]["refs"] == [5.97, 3.72]  # moliere_gpt2 trained on /work/shared/data/moliere.txt: Molière too
+    # the summary gives the last record and the smoothed curve's end, each labelled; the two differ by the last
+    # batch's noise (3.2819 is 0.14 under the mean of the last 10 steps, 3.4245)
+    out = capsys.readouterr().out
+    smoothed = shown["train"]["curves"]["C0"][-1]
+    assert f"moliere_gpt2 | 200 steps, 1.64M tokens, final train loss 3.2819 (raw, step 199), {smoothed:.4f} " \
+           "(smoothed) | min val loss 3.6540 @ step 200" in out
+    assert abs(smoothed - 3.4245) < 0.05  # the end of the curve is the loss of the last steps, not of one batch
 
 
 def test_loss_axes_have_labelled_ticks_around_the_final_value(tmp_path, monkeypatch):
@@ -219,7 +311,8 @@ def test_log_ticks_are_round_and_finer_at_the_low_end():
 def test_metric_without_records_gets_no_png(tmp_path, monkeypatch, capsys):
     path = write(tmp_path / "log" / "log.txt", NANOGPT.replace("0 hella 0.2490\n", ""))
     out = tmp_path / "out"
-    shown = run_main(monkeypatch, [str(path), "--labels", "nano", "--out", str(out), "--tokens_per_step", "1000"])
+    shown = run_main(monkeypatch, [str(path), "--labels", "nano", "--out", str(out), "--tokens_per_step", "1000"],
+                     save=True)
     assert not (out / "hellaswag.png").exists() and "hella" not in shown  # an empty plot would look broken
     assert_real_png(out / "train_loss.png")
     assert_real_png(out / "val_loss.png")
