@@ -3,26 +3,37 @@ Throughput and memory figures for this machine: a table on stdout and the same n
 
     python bench.py                          # every section, sized for this machine's device
     python bench.py --only train --steps 20  # one section
-    python bench.py --only train --n_layer 12 --n_head 12 --n_embd 768 -B 64 -T 1024   # GPT-2 124M
+    python bench.py --only train --step_kind real --attention default flash cudnn   # attention kernels compared
+    python bench.py --only train --n_layer 2 --n_embd 32 --vocab_size 128 -B 4 -T 32   # a tiny GPT: seconds on a CPU
 
 Sections:
-  train      tokens/s, MFU (CUDA) and peak memory of a training step on synthetic data, compile off and on. On a
-             CPU in eager mode the model's loss is chunked (never the full logits): timed against the plain loss
-             (full logits, then F.cross_entropy, as build-nanogpt does). On GPUs and under torch.compile the model
-             computes the plain loss itself, so that is what its row says.
+  train      tokens/s, MFU (CUDA) and peak memory of training steps on random tokens, for each recipe. Two kinds
+             of rows, told apart by their "step" field. "one micro-step + optimizer": one B x T forward and
+             backward, clipping and the optimizer step, compile off and on. "real step": train_gpt2.train_step
+             itself, as train_gpt2.py runs it: one update over --total_batch_size tokens with its gradient
+             accumulation, compiled on CUDA only (train_gpt2.py's --compile auto). On a CPU in eager mode the
+             model's loss is chunked (never the full logits): timed against the plain loss (full logits, then
+             F.cross_entropy, as build-nanogpt does). On GPUs and under torch.compile the model computes the plain
+             loss itself, so that is what its row says. --attention picks the scaled_dot_product_attention kernel.
   loader     batches/s and anonymous memory while ShardedLoader reads through two shards
   hellaswag  examples/s of `python hellaswag.py -m HF_DIR` on a GPT-2 in Hugging Face format (loaded into our
              GPT, packed rows) against transformers' model, one example per forward (build-nanogpt's loop)
   tokenize   fineweb.py's end-to-end tokens/s against tiktoken's single-core rate x the cores
-Medians of repeated measurements, warm-up (and compilation) excluded. bench.json is rewritten after every
-section; a row that runs out of memory is recorded as "OOM" and the others go on.
+
+Defaults: on CUDA, GPT-2 124M (12 layers, 768 wide) at B=64, T=1024, and a real step of 2**19 tokens (8
+micro-steps), as train_gpt2.py trains it; elsewhere a 4-layer, 256-wide GPT at B=8, T=256, and a real step of 4
+micro-batches (2**13 tokens); 200 HellaSwag examples; 100 MB of text to tokenize. Medians of --steps repeated
+measurements, warm-up (and compilation) excluded. bench.json is rewritten after every section; a row that runs out
+of memory is recorded as "OOM", one whose attention backend is unavailable gets an "error" note, and the others go on.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -34,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import bookkeeping
 import common
 import train_gpt2
 from train_gpt2 import GPTConfig
@@ -64,15 +76,26 @@ def is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
+def no_attention_kernel(e):
+    """torch's words saying that the forced --attention backend has no kernel for this device, dtype or shape (under
+    torch.compile they come quoted inside Dynamo's message), or None."""
+    found = re.search(r"No (viable backend|available kernel)[^'\"\n]*", str(e))
+    return found and found.group()
+
+
 def guarded(row, metric, measure):
-    """row + what measure() returns; a measurement that runs out of memory becomes row + {metric: "OOM"}, so the
-    sections and rows after it still run (GPU memory is given back first)."""
+    """row + what measure() returns. A measurement that runs out of memory becomes row + {metric: "OOM"}, one whose
+    attention backend is unavailable row + {metric: None, "error": why}, so the sections and rows after it still run
+    (GPU memory is given back first)."""
     try:
         row = {**row, **measure()}
     except RuntimeError as e:
-        if not is_oom(e):
+        if is_oom(e):
+            row = {**row, metric: "OOM"}
+        elif no_attention_kernel(e):
+            row = {**row, metric: None, "error": f"attention backend unavailable here: {no_attention_kernel(e)}"}
+        else:
             raise
-        row = {**row, metric: "OOM"}
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -103,40 +126,108 @@ def peak_memory(world, was_reset):
 # -----------------------------------------------------------------------------
 # Training step
 
+# --attention -> torch.nn.attention.SDPBackend member; "default" leaves torch to choose on each call, by its own
+# priority order, among the kernels that support the device, dtype and shape
+ATTENTION = {"default": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def attention_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return contextlib.nullcontext() if ATTENTION[name] is None else sdpa_kernel(getattr(SDPBackend, ATTENTION[name]))
+
+
+def compile_fresh(fn):
+    """torch.compile(fn) after forgetting every earlier compilation: graphs are cached per function and keep the
+    attention kernel chosen when they were traced, so a row could otherwise run an earlier row's graph (and its
+    first_step_s would not include compiling)."""
+    torch.compiler.reset()
+    return torch.compile(fn)
+
+
+class SyntheticLoader:
+    """ShardedLoader's next_batch() on random tokens: (x, y) int64 CPU tensors of shape (B, T), what
+    train_gpt2.train_step draws each micro-step (and copies to the device itself, as in training)."""
+
+    def __init__(self, B, T, vocab_size, seed=0):
+        self.B, self.T, self.vocab_size = B, T, vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        tokens = torch.randint(0, self.vocab_size, (self.B, self.T + 1), generator=self.generator)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # y: the token after each of x's
+
+
 def plain_loss(model, x, y):
     """build-nanogpt's loss: the full (B, T, vocab) logits, upcast by autocast, then F.cross_entropy."""
     logits = model.lm_head(model.hidden_states(x))
     return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
 
+def loss_kind(device_type, use_compile):
+    """model(x, y) chunks its loss (train_gpt2.VocabCrossEntropy) only on a CPU in eager mode."""
+    return "plain" if use_compile or device_type != "cpu" else "chunked"
+
+
 def losses_to_time(raw_model, device_type, use_compile):
-    """(forward, loss, fn) rows. model(x, y) chunks its loss (train_gpt2.VocabCrossEntropy) only on a CPU in eager
-    mode; on GPUs and under torch.compile it computes the plain loss, and a plain row would time the same thing."""
-    ours = [("model(x, y)", "plain" if use_compile or device_type != "cpu" else "chunked", raw_model)]
+    """(forward, loss, fn) rows; where model(x, y) computes the plain loss, a plain row would time the same thing."""
+    ours = [("model(x, y)", loss_kind(device_type, use_compile), raw_model)]
     if ours[0][1] == "plain":
         return ours
     return ours + [("lm_head + F.cross_entropy", "plain", lambda x, y: (None, plain_loss(raw_model, x, y)))]
 
 
 def bench_train(args, world, dtype):
-    return [row for recipe in args.recipe for row in bench_recipe(args, world, dtype, recipe)]
+    rows = []
+    for attention in args.attention:
+        with attention_backend(attention):  # around compilation too: the compiled graph takes the kernel it traced
+            rows += [row for recipe in args.recipe for row in bench_recipe(args, world, dtype, recipe, attention)]
+    return rows
 
 
-def bench_recipe(args, world, dtype, recipe):
-    """Training-step rows of one recipe: gpt2 (AdamW) or modern (Muon + AdamW, soft-capped loss)."""
-    config = GPTConfig(block_size=args.T, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
+def bench_recipe(args, world, dtype, recipe, attention):
+    """Training rows of one recipe, gpt2 (AdamW) or modern (Muon + AdamW, soft-capped loss): one micro-step, then
+    the real step. Both share the model and its optimizers."""
+    config = GPTConfig(block_size=args.T, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd)
     torch.manual_seed(0)
     raw_model = train_gpt2.RECIPES[recipe](config).to(world.device)
     lrs = {"embed_lr": 0.2, "head_lr": 0.008} if recipe == "modern" else {}
     optimizers = raw_model.configure_optimizers(0.1, 1e-4, world.device_type, **lrs)  # [AdamW] or [Muon, AdamW]
-    x = torch.randint(0, 50257, (args.B, args.T), device=world.device)
-    y = torch.randint(0, 50257, (args.B, args.T), device=world.device)
+    base = {"recipe": recipe, "attention": attention, "dtype": dtype,
+            "shape": f"{args.n_layer}x{args.n_embd} B={args.B} T={args.T}"}
+    rows = []
+    if args.step_kind in ("micro", "both"):
+        rows += micro_step_rows(args, world, dtype, raw_model, optimizers, base)
+    if args.step_kind in ("real", "both"):
+        rows += real_step_rows(args, world, dtype, raw_model, optimizers, base)
+    return rows
+
+
+def measure_step(step, tokens, raw_model, args, world):
+    """Time step(), which trains on `tokens` tokens: the first call (compilation) apart, then the median of
+    args.steps after 2 warm-up calls. MFU counts the model's training FLOPs against the GPU's bf16 peak."""
+    raw_model.zero_grad(set_to_none=True)  # nothing left over from a row that failed
+    was_reset = reset_peak_memory(world)
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    seconds = median_time(step, args.steps, warmup=2, sync=world.synchronize)
+    tokens_per_s = tokens / seconds
     flops, peak = train_gpt2.flops_per_token(raw_model, args.T), train_gpt2.peak_flops(world)
+    return {"tokens_per_s": round(tokens_per_s), "step_s": float(f"{seconds:.4g}"), "first_step_s": round(first, 1),
+            "mfu": round(100 * flops * tokens_per_s / peak, 1) if peak else None, **peak_memory(world, was_reset)}
+
+
+def micro_step_rows(args, world, dtype, raw_model, optimizers, base):
+    """One B x T forward and backward, clipping and the optimizer step: what a micro-batch costs, for each
+    --compile and loss computation."""
+    x, y = (t.to(world.device) for t in SyntheticLoader(args.B, args.T, min(args.vocab_size, 50257)).next_batch())
     rows = []
     for use_compile in args.compile:
-        for forward_name, loss_kind, forward in losses_to_time(raw_model, world.device_type, use_compile):
-            forward = torch.compile(forward) if use_compile else forward
+        for forward_name, kind, forward in losses_to_time(raw_model, world.device_type, use_compile):
+            forward = compile_fresh(forward) if use_compile else forward
 
             def step(forward=forward):
                 with common.autocast(world.device_type, dtype):
@@ -147,22 +238,42 @@ def bench_recipe(args, world, dtype, recipe):
                     optimizer.step()
                 raw_model.zero_grad(set_to_none=True)
 
-            def measure(step=step):
-                raw_model.zero_grad(set_to_none=True)  # nothing left over from a row that ran out of memory
-                was_reset = reset_peak_memory(world)
-                t0 = time.perf_counter()
-                step()  # the first step compiles
-                first = time.perf_counter() - t0
-                seconds = median_time(step, args.steps, warmup=2, sync=world.synchronize)
-                tokens_per_s = args.B * args.T / seconds
-                return {"tokens_per_s": round(tokens_per_s), "first_step_s": round(first, 1),
-                        "mfu": round(100 * flops * tokens_per_s / peak, 1) if peak else None,
-                        **peak_memory(world, was_reset)}
+            row = {"section": "train", "step": "one micro-step + optimizer", **base, "compile": use_compile,
+                   "forward": forward_name, "loss": kind}
+            rows.append(guarded(row, "tokens_per_s", lambda step=step: measure_step(
+                step, args.B * args.T, raw_model, args, world)))
+    return rows
 
-            row = {"section": "train", "recipe": recipe, "compile": use_compile, "forward": forward_name,
-                   "loss": loss_kind,
-                   "dtype": dtype, "shape": f"{args.n_layer}x{args.n_embd} B={args.B} T={args.T}"}
-            rows.append(guarded(row, "tokens_per_s", measure))
+
+def count_text(n):
+    """2**19 rather than 524,288 where n is a power of two: how batch sizes are chosen and spoken of."""
+    return f"2**{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
+
+
+def real_step_rows(args, world, dtype, raw_model, optimizers, base):
+    """train_gpt2.train_step itself, as the training loop calls it: one optimizer update over --total_batch_size
+    tokens, grad_accum_steps micro-batches drawn from a loader and copied to the device, the loss averaged, the
+    gradient clipped, the LR set from the schedule. tokens/s = total_batch_size / the step's time."""
+    B, T = args.B, args.T
+    grad_accum_steps = args.total_batch_size // (B * T)
+    cfg = train_gpt2.TrainConfig(recipe=base["recipe"], total_batch_size=args.total_batch_size, micro_batch_size=B,
+                                 seq_len=T)
+    cfg.lr_horizon = cfg.max_steps  # as a fresh run's (train_gpt2.resolve_schedule)
+    loader = SyntheticLoader(B, T, min(args.vocab_size, 50257))  # GPT-2's ids: the padding is never a target
+    label = (f"real step: train_gpt2.train_step, {grad_accum_steps} micro-steps of {B}x{T} = "
+             f"{count_text(args.total_batch_size)} tokens")
+    rows = []
+    for use_compile in args.real_compile:
+        model = compile_fresh(raw_model) if use_compile else raw_model  # train_gpt2.py compiles the module
+
+        def step(model=model):
+            # step = the end of warmup: the peak learning rate, as for most of a run (the step number only sets the LR)
+            train_gpt2.train_step(model, optimizers, loader, cfg.warmup_steps, grad_accum_steps, cfg, world, dtype)
+
+        row = {"section": "train", "step": label, **base, "compile": use_compile, "forward": "model(x, y)",
+               "loss": loss_kind(world.device_type, use_compile)}
+        rows.append(guarded(row, "tokens_per_s", lambda step=step: measure_step(
+            step, args.total_batch_size, raw_model, args, world)))
     return rows
 
 
@@ -205,7 +316,7 @@ def bench_loader(args):
 # HellaSwag
 
 def moliere_paragraphs():
-    path = train_gpt2.resolve_path("input/moliere.txt")
+    path = bookkeeping.resolve_path("input/moliere.txt")
     if not path.exists():
         common.download_moliere(path)
     return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
@@ -327,42 +438,73 @@ SECTIONS = {"train": bench_train, "loader": lambda a, w, t: bench_loader(a),
             "hellaswag": bench_hellaswag, "tokenize": lambda a, w, t: bench_tokenize(a)}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Throughput and memory figures for this machine.")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
-    parser.add_argument("--compile", default="both", choices=("both", "true", "false"))
+    parser.add_argument("--compile", choices=("both", "true", "false"),
+                        help="train (default: both for the micro-step rows; the real step as train_gpt2.py's "
+                        "--compile auto: compiled on CUDA only)")
     parser.add_argument("--recipe", nargs="+", default=["gpt2", "modern"], choices=("gpt2", "modern"),
                         help="train: the recipes to time")
+    parser.add_argument("--step_kind", default="both", choices=("micro", "real", "both"),
+                        help="train: rows of one micro-step + optimizer, of the real step (train_gpt2.train_step "
+                        "over --total_batch_size tokens), or both (default)")
+    parser.add_argument("--attention", nargs="+", default=["default"], choices=list(ATTENTION),
+                        help="train: time the rows under each of these scaled_dot_product_attention backends "
+                        "(torch.nn.attention.sdpa_kernel; default: torch's own choice)")
     parser.add_argument("--n_layer", type=int, help="(default: 12 on CUDA, 4 elsewhere)")
     parser.add_argument("--n_head", type=int, help="(default: 12 on CUDA, 4 elsewhere)")
     parser.add_argument("--n_embd", type=int, help="(default: 768 on CUDA, 256 elsewhere)")
+    parser.add_argument("--vocab_size", type=int, default=50304, help="train: vocabulary (default: 50304, GPT-2's "
+                        "50257 padded to a multiple of 64, as train_gpt2.py trains from scratch)")
     parser.add_argument("-B", type=int, help="micro-batch (default: 64 on CUDA, 8 elsewhere)")
     parser.add_argument("-T", type=int, help="sequence length (default: 1024 on CUDA, 256 elsewhere)")
+    parser.add_argument("--total_batch_size", type=int, help="train: tokens per real step, a multiple of B*T "
+                        "(default: 2**19 = 524,288 on CUDA, as train_gpt2.py; 4 micro-batches elsewhere)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (median)")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="loader: tokens per train shard")
     parser.add_argument("--examples", type=int, default=200, help="hellaswag: examples (val if downloaded)")
     parser.add_argument("--tokenize_mb", type=int, default=100, help="tokenize: MB of jsonl")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenize: worker processes")
     parser.add_argument("--json", default="bench.json", help="write the figures here (after every section)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         run(args)
     except common.UserError as e:
         raise SystemExit(f"bench.py: error: {e}") from None
 
 
-def run(args):
-    world = train_gpt2.setup_distributed(args.device)
-    gpu = world.device_type == "cuda"
+def resolve_defaults(args, device_type):
+    """Fill in the defaults that depend on the device (a GPT-2 124M step on CUDA, a small one elsewhere) and check
+    the batch before any work starts."""
+    gpu = device_type == "cuda"
     for name, on_gpu, elsewhere in (("n_layer", 12, 4), ("n_head", 12, 4), ("n_embd", 768, 256), ("B", 64, 8),
                                     ("T", 1024, 256)):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else elsewhere)
-    args.compile = {"both": [False, True], "true": [True], "false": [False]}[args.compile]
+    if args.total_batch_size is None:
+        args.total_batch_size = 2**19 if gpu else 4 * args.B * args.T
+    if "train" in args.only and args.step_kind != "micro" and (
+            args.total_batch_size <= 0 or args.total_batch_size % (args.B * args.T)):
+        raise common.UserError(f"--total_batch_size {args.total_batch_size} is not a positive multiple of B*T = "
+                               f"{args.B}*{args.T} = {args.B * args.T}")
+    choices = {"both": [False, True], "true": [True], "false": [False]}
+    args.real_compile = choices[args.compile] if args.compile else [gpu]  # train_gpt2.py's --compile auto
+    args.compile = choices[args.compile or "both"]
+
+
+def run(args):
+    world = train_gpt2.setup_distributed(args.device)
+    resolve_defaults(args, world.device_type)
     dtype = common.resolve_dtype(args.dtype, world.device_type)
-    if gpu:
+    if world.device_type == "cuda":
         torch.set_float32_matmul_precision("high")
     machine = {"device": device_name(world.device_type), "torch": str(torch.__version__), "dtype": dtype}
     print(machine)
