@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,19 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # Files: written under a fresh temporary name, synced, then renamed, so a crash never leaves a torn file under
 # the real name; an output directory is locked while a program writes into it.
+
+def what_is(path):
+    """What a path names, worded to follow "PATH is": for messages about a path that is not what was expected."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing (no such file or directory)"
+    except OSError as e:  # a name too long, no permission, a loop of links, ...
+        return f"unusable ({e.strerror or e})"
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for is_kind, name in kinds if is_kind(mode)), "not a regular file")
+
 
 def free_gb(path):
     try:
@@ -113,8 +127,8 @@ def remove_if_empty(directories):
     for d in reversed(directories):
         try:
             d.rmdir()
-        except OSError:  # not empty (or already gone): keep it
-            return
+        except OSError:  # not empty (then neither are the ones outside it), never made, or already gone
+            continue
 
 
 def download(url, path, sha256=None, timeout=60):
@@ -261,6 +275,11 @@ def autocast(device_type, dtype):
 # Hugging Face: which GPT-2s our GPT computes exactly, and exports. GPT-2's tokenizer goes beside the weights, so that
 # AutoTokenizer, pipeline() and lm-eval-harness work from the directory alone. Without tokenizer files transformers 5
 # quietly builds an EMPTY GPT-2 tokenizer, and pipeline("text-generation") then hands back the prompt unchanged.
+
+GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes, by their names on the Hugging Face hub
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+}
+
 
 def gpt2_differences(config):
     """The settings in which a transformers config differs from the GPT-2 that train_gpt2.GPT computes; empty when

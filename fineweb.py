@@ -29,12 +29,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_write, get_tokenizer, lock_directory
+from common import (SHARD_NAME, UserError, atomic_write, get_tokenizer, lock_directory, new_directories,
+                    remove_if_empty, shard_name)
 
 SAMPLE_10BT_TOKENS = 10**10  # sample-10BT is ~10B GPT-2 tokens: the progress bar's total, for an ETA
 # ~1 MB of text (~250k tokens) per worker task: big enough that sending it between processes costs little next to
 # tokenizing it, small enough that every worker stays busy and little memory is in flight
 BATCH_CHARS = 2**20
+TRAINING_WINDOW = 1024 + 1  # the least input worth shards: T+1 tokens, GPT-2's context of 1024 + its last target
+# the largest --shard_size: a shard is built in memory (2 bytes a token) and is what a rerun makes again after a
+# crash; 10**9 tokens (2 GB files, ten times build-nanogpt's 10**8) is past any use of bigger ones
+MAX_SHARD_SIZE = 10**9
 
 # -----------------------------------------------------------------------------
 # tokenizer: common.get_tokenizer(), one per process, created on first use (importing this file does no work)
@@ -232,9 +237,7 @@ def intact_part(out, manifest):
 
 
 def finish_shard(out, manifest, tokens, next_doc, next_doc_offset):
-    index = len(manifest["shards"])
-    split = "val" if index == 0 else "train"  # build-nanogpt's convention: the first shard is the validation set
-    name = f"{manifest['config']['prefix']}_{split}_{index:06d}.npy"
+    name = shard_name(manifest["config"]["prefix"], len(manifest["shards"]))  # shard 0 val, the others train
     save(out / name, lambda f: np.save(f, tokens))
     manifest["shards"].append({"file": name, "tokens": len(tokens),
                                "next_doc": int(next_doc), "next_doc_offset": int(next_doc_offset)})
@@ -301,6 +304,7 @@ def benchmark(files, text_field="text", workers=None):
 
 
 def parse_args(argv):
+    cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(prog="fineweb.py", description="Tokenize a corpus into GPT-2 uint16 shards.")
     parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset")
     parser.add_argument("--name", default="sample-10BT", help="its configuration (sample-10BT, sample-100BT, ...)")
@@ -311,14 +315,24 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, help="output directory (default: edu_fineweb10B beside this script)")
     parser.add_argument("--prefix", default="edufineweb", help="shard names: {prefix}_{val|train}_{index:06d}.npy")
     parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (10**8: 200 MB files)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=cores, help="tokenizer processes (default: all cores)")
     parser.add_argument("--benchmark", action="store_true", help="with --input: print our tokens/s and the ceiling")
     args = parser.parse_args(argv)
-    if args.shard_size < 1 or args.workers < 1:
-        parser.error("--shard_size and --workers must be at least 1")
     if args.benchmark and not args.input:
         parser.error("--benchmark needs local files: --input FILE...")
-    problems = []  # every unusable file at once, before any work
+    problems = []  # every unusable flag and file at once, before any work
+    if not 1 <= args.shard_size <= MAX_SHARD_SIZE:
+        problems.append(f"--shard_size {args.shard_size}: use 1 to {MAX_SHARD_SIZE:,} tokens (default 10**8)")
+    if not 1 <= args.workers <= cores:  # tokenizing is CPU-bound: more processes than cores only add memory
+        problems.append(f"--workers {args.workers}: this machine has {cores} cores: use --workers {cores} or fewer")
+    if not args.text_field:
+        problems.append("--text_field is empty: name the field that holds each document's text")
+    # shard names are files in --out (no folders) that train_gpt2.py recognises (common.SHARD_NAME), and short enough
+    # for atomic_write's temp names, .{name}.XXXXXXXX.tmp, to fit in the usual 255 bytes
+    if (not args.prefix.isprintable() or {os.sep, os.altsep} & set(args.prefix)
+            or not SHARD_NAME.match(shard_name(args.prefix, 0))
+            or len(f".{shard_name(args.prefix, 1)}.XXXXXXXX.tmp".encode()) > 255):
+        problems.append(f"--prefix {args.prefix!r}: use a short file name, without {os.sep}")
     for path in args.input or []:
         if path.is_dir():
             problems.append(f"--input {path}: a directory; pass the files in it")
@@ -332,12 +346,12 @@ def parse_args(argv):
 
 
 def make_shards(pool, args, out, manifest):
-    shards = manifest["shards"]
+    shards, resumed = manifest["shards"], len(manifest["shards"])
     skip = shards[-1]["next_doc"] if shards else 0  # documents already in finished shards
     documents = local_documents(args.input, args.text_field, skip) if args.input else hub_documents(args, skip)
     first = next(documents, None)  # an empty input fails here, before anything is written
     if first is None and not shards:
-        raise UserError("the input holds no documents")
+        raise UserError("the input holds no documents: nothing to train on")
     documents = itertools.chain([] if first is None else [first], documents)
     # the temp files (.{name}.XXXXXXXX.tmp) of a killed run: no other run writes here while we hold the lock
     for temp in [*out.glob(f".{args.prefix}_*.npy.*.tmp"), *out.glob(".manifest.json.*.tmp")]:
@@ -349,34 +363,61 @@ def make_shards(pool, args, out, manifest):
         # 4 tasks in flight per worker: enough that none waits while the main process reads the next batch
         results = ordered_map(pool, tokenize_batch, batches(documents), depth=4 * args.workers)
         write_shards(results, out, manifest, bar)
+    tokens, documents = sum(shard["tokens"] for shard in shards), shards[-1]["next_doc"]
+    if tokens < TRAINING_WINDOW:  # nothing to train on: this run's shards go (and make_dataset removes the rest)
+        made, shards[resumed:] = shards[resumed:], []
+        save_manifest(out, manifest)  # first, so that it never lists a missing shard
+        for shard in made:
+            (out / shard["file"]).unlink()
+        raise UserError(f"the input holds {tokens:,} tokens ({documents:,} documents), fewer than one training window "
+                        f"of {TRAINING_WINDOW:,} (T+1 = 1024+1): give it more text")
+    manifest.update(complete=True, tokens=tokens, documents=documents)
+    save_manifest(out, manifest)
 
 
 def make_dataset(args):
     # the default lands beside this script, where train_gpt2.py looks; a --out of the user's is relative to the cwd
     out = args.out or Path(__file__).resolve().parent / "edu_fineweb10B"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: choose another --out")
     config = run_config(args)
+    # what this run adds to `out`: removed again if it fails before its first shard (`out` is left as it was found)
+    created = new_directories(out)
+    ours = [out / name for name in (".lock", "manifest.json") if not (out / name).exists()]
     # one run per directory: two would write the same shards and manifest. Taken before the manifest is read, and
     # held (by the workers too, which inherit it) until this run's processes end, however they end.
-    lock = lock_directory(out, "fineweb.py")
+    try:
+        lock = lock_directory(out, "fineweb.py")
+    except UserError:  # unwritable: the folders made before mkdir failed go (a folder in use is no new one)
+        remove_if_empty(created)
+        raise
+    manifest = {"shards": []}
     try:
         manifest = load_manifest(out, config)
         shards = manifest["shards"]
         if manifest["complete"]:
             print(f"{out} is already complete: {len(shards)} shards, {manifest['tokens']:,} tokens")
-            return
-        get_tokenizer()  # here first: an offline machine fails now, and forked workers inherit it loaded
-        try:
-            # the pool starts before any input is opened: forking once `datasets` runs download threads is unsafe
-            with mp.Pool(args.workers, initializer=init_worker) as pool:
-                make_shards(pool, args, out, manifest)
-        except KeyboardInterrupt:
-            raise UserError(f"interrupted with {len(shards)} shards finished; run the same command again to "
-                            f"continue") from None
-        manifest["complete"], manifest["tokens"] = True, sum(shard["tokens"] for shard in shards)
-        manifest["documents"] = shards[-1]["next_doc"]
-        save_manifest(out, manifest)
-        print(f"wrote {len(shards)} shards ({manifest['tokens']:,} tokens, {manifest['documents']:,} documents) "
-              f"to {out}")
+        else:
+            get_tokenizer()  # here first: an offline machine fails now, and forked workers inherit it loaded
+            try:
+                # the pool starts before any input is opened: forking once `datasets` runs download threads is unsafe
+                with mp.Pool(args.workers, initializer=init_worker) as pool:
+                    make_shards(pool, args, out, manifest)
+            except KeyboardInterrupt:
+                raise UserError(f"interrupted with {len(shards)} shards finished; run the same command again to "
+                                f"continue") from None
+            print(f"wrote {len(shards)} shards ({manifest['tokens']:,} tokens, {manifest['documents']:,} documents) "
+                  f"to {out}")
+        if len(shards) == 1:  # valid, but train_gpt2.py has nothing to train on: say so now, and what to run instead
+            size = max(TRAINING_WINDOW, int(float(f"{manifest['tokens'] / 10:.2g}")))  # ~10% val, the rest train
+            print(f"fineweb.py: warning: only the val shard ({manifest['tokens']:,} tokens), and train_gpt2.py needs a "
+                  f"train shard too: run again with --shard_size {size} and another --out", file=sys.stderr)
+    except BaseException:
+        if not manifest["shards"]:  # nothing to resume from
+            for path in ours:
+                path.unlink(missing_ok=True)
+            remove_if_empty(created)
+        raise
     finally:
         os.close(lock)
 
@@ -388,8 +429,10 @@ def main(argv=None):
             print(json.dumps(benchmark(args.input, args.text_field, args.workers)))
         else:
             make_dataset(args)
-    except UserError as e:  # the one place an error meant for the user becomes a line (workers' errors included)
-        print("fineweb.py: error:", " ".join(str(e).splitlines()), file=sys.stderr)  # some of pyarrow's span lines
+    # the one place an error becomes a line: UserErrors (workers' too), and OSErrors no check foresaw (ENAMETOOLONG)
+    except (UserError, OSError) as e:
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print("fineweb.py: error:", " ".join(message.splitlines()), file=sys.stderr)  # some of pyarrow's span lines
         raise SystemExit(1) from None
 
 

@@ -1,5 +1,5 @@
-"""fineweb.py: exact token streams, shard names and sizes, worker-independence, resume, bad inputs, one run per
---out, full disks and damaged output directories."""
+"""fineweb.py: exact token streams, shard names and sizes, worker-independence, resume, bad inputs and flags, inputs
+too small to train on, one run per --out, full disks, damaged output directories, and nothing left by a failed start."""
 import errno
 import json
 import multiprocessing
@@ -21,6 +21,7 @@ import fineweb
 ROOT = Path(fineweb.__file__).resolve().parent
 EOT = 50256
 SHARD = 1000  # tokens per shard in these tests: the documents below fill 25 shards
+WORKERS = min(2, os.cpu_count())  # two tokenizer processes where the machine has two cores (more are refused)
 
 
 def make_docs(n=80, seed=0):
@@ -95,7 +96,7 @@ def reference(docs, tmp_path_factory):
     """An uninterrupted run on the jsonl file: the output every other way of making these shards must equal."""
     tmp = tmp_path_factory.mktemp("reference")
     path = write_jsonl(tmp / "docs.jsonl", docs)
-    run([path], tmp / "out", workers=2)
+    run([path], tmp / "out", workers=WORKERS)
     return path, read_dir(tmp / "out")
 
 
@@ -135,8 +136,9 @@ def test_jsonl_shards_hold_every_document_in_order(docs, reference):
         assert starts[shard["next_doc"]] + shard["next_doc_offset"] == min(SHARD * (i + 1), len(tokens))
 
 
-def test_workers_do_not_change_the_output(reference, tmp_path):
+def test_workers_do_not_change_the_output(reference, tmp_path, monkeypatch):
     path, files = reference
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)  # --workers 3 is refused on a machine with fewer cores
     run([path], tmp_path / "one", workers=1)
     run([path], tmp_path / "three", workers=3)
     assert read_dir(tmp_path / "one") == files
@@ -145,7 +147,7 @@ def test_workers_do_not_change_the_output(reference, tmp_path):
 
 def test_parquet_gives_the_same_shards_as_jsonl(docs, reference, tmp_path):
     _, files = reference
-    run([write_parquet(tmp_path / "docs.parquet", docs)], tmp_path / "out", workers=2)
+    run([write_parquet(tmp_path / "docs.parquet", docs)], tmp_path / "out", workers=WORKERS)
     shards = {name: data for name, data in read_dir(tmp_path / "out").items() if name.endswith(".npy")}
     assert shards == {name: data for name, data in files.items() if name.endswith(".npy")}
 
@@ -161,14 +163,38 @@ def test_txt_files_are_one_document_each_and_inputs_chain_in_order(docs, tmp_pat
 
 
 def test_shards_ending_on_document_boundaries(tmp_path):
-    # "hello world" is 2 tokens, 3 with <|endoftext|>: shards of 6 hold exactly two documents, and no empty
+    # "hello world" is 2 tokens, 3 with <|endoftext|>: shards of 600 hold exactly 200 documents, and no empty
     # shard follows the last full one
-    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 10)
-    run([path], tmp_path / "out", shard_size=6)
-    assert [np.load(tmp_path / "out" / name).size for name in shard_files(tmp_path / "out")] == [6] * 5
+    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 600)
+    run([path], tmp_path / "out", shard_size=600)
+    assert [np.load(tmp_path / "out" / name).size for name in shard_files(tmp_path / "out")] == [600] * 3
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [(s["next_doc"], s["next_doc_offset"]) for s in manifest["shards"]] == [(2, 0), (4, 0), (6, 0), (8, 0),
-                                                                                   (10, 0)]
+    assert [(s["next_doc"], s["next_doc_offset"]) for s in manifest["shards"]] == [(200, 0), (400, 0), (600, 0)]
+
+
+def test_shard_names_are_commons(reference):
+    # one home for the names fineweb.py writes and train_gpt2.py reads (common.SHARD_NAME, list_shards)
+    assert fineweb.shard_name is common.shard_name
+    out = Path(reference[0]).parent / "out"
+    assert [p.name for _, p in common.list_shards(out)] == [common.shard_name("edufineweb", i) for i in range(25)]
+
+
+def test_a_corpus_smaller_than_one_shard_warns_and_suggests_a_shard_size(tmp_path, capsys):
+    # 15,000 tokens ("hello world" is 3 with its <|endoftext|>) and the default 10**8 tokens a shard: only the val
+    # shard, which train_gpt2.py cannot train on. Valid shards all the same: a warning, exit status 0.
+    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 5000)
+    capsys.readouterr()
+    fineweb.main(["--input", path, "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert shard_files(tmp_path / "out") == ["edufineweb_val_000000.npy"]
+    warning = ("fineweb.py: warning: only the val shard (15,000 tokens), and train_gpt2.py needs a train shard too: "
+               "run again with --shard_size 1500 and another --out")
+    assert warning in capsys.readouterr().err.splitlines()
+    fineweb.main(["--input", path, "--out", str(tmp_path / "out"), "--workers", "1"])  # complete: said again
+    assert warning in capsys.readouterr().err.splitlines()
+    # the suggestion: a tenth of the tokens for val, the rest train
+    fineweb.main(["--input", path, "--out", str(tmp_path / "out2"), "--workers", "1", "--shard_size", "1500"])
+    assert "warning" not in capsys.readouterr().err
+    assert [split for split, _ in common.list_shards(tmp_path / "out2")] == ["val"] + ["train"] * 9
 
 
 def interrupt_after(monkeypatch, n_shards):
@@ -188,7 +214,7 @@ def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path,
     with monkeypatch.context() as patch:
         interrupt_after(patch, n_shards)
         message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", str(SHARD),
-                                    "--workers", "2"])
+                                    "--workers", str(WORKERS)])
     assert f"interrupted with {n_shards} shards finished; run the same command again to continue" in message
     assert len(shard_files(tmp_path / "out")) == n_shards
     # what a crash leaves: atomic_write's temp files of a partial shard and manifest
@@ -198,7 +224,7 @@ def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path,
     first_texts = []
     batches = fineweb.batches
     monkeypatch.setattr(fineweb, "batches", lambda documents: batches(first_texts.append(d) or d for d in documents))
-    run([path], tmp_path / "out", workers=2)
+    run([path], tmp_path / "out", workers=WORKERS)
     assert read_dir(tmp_path / "out") == files
     # the finished shards' documents were skipped, not tokenized again
     assert first_texts[0] == docs[manifest["shards"][-1]["next_doc"]]
@@ -221,7 +247,7 @@ def test_resume_after_a_hard_kill(reference, tmp_path):
         fineweb.atomic_write = write_or_die
         fineweb.main(sys.argv[1:])
     """
-    args = ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", str(SHARD), "--workers", "2"]
+    args = ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", str(SHARD), "--workers", str(WORKERS)]
     killed = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, start_new_session=True,
                             capture_output=True, check=False)
     assert killed.returncode == -9
@@ -247,7 +273,7 @@ def test_spawn_start_method_gives_the_same_shards(reference, tmp_path):
     code = ("import multiprocessing as mp, sys, fineweb; mp.set_start_method('spawn'); fineweb.BATCH_CHARS = 500; "
             "fineweb.main(sys.argv[1:])")
     subprocess.run([sys.executable, "-c", code, "--input", path, "--out", str(tmp_path / "out"),
-                    "--shard_size", str(SHARD), "--workers", "2"], cwd=ROOT, check=True, capture_output=True)
+                    "--shard_size", str(SHARD), "--workers", str(WORKERS)], cwd=ROOT, check=True, capture_output=True)
     assert read_dir(tmp_path / "out") == files
 
 
@@ -267,11 +293,11 @@ def test_ordered_map_keeps_order_and_reads_ahead_at_most_depth_tasks():
 
 def test_benchmark_reports_our_rate_and_the_ceiling(reference):
     path, _ = reference
-    result = fineweb.benchmark([path], workers=2)
+    result = fineweb.benchmark([path], workers=WORKERS)
     assert result["tokens"] == json.loads(reference[1]["manifest.json"])["tokens"]
     assert result["ceiling_tokens_per_s"] > 0 and result["tokens_per_s"] > 0
     # end to end, start-up and writing included, fineweb.py cannot run much faster than tiktoken's bare rate x workers
-    assert 0 < result["ratio"] <= 1.2 and result["workers"] == 2
+    assert 0 < result["ratio"] <= 1.2 and result["workers"] == WORKERS
 
 
 def test_default_out_is_beside_the_script(tmp_path, monkeypatch, capsys):
@@ -301,7 +327,7 @@ def test_hub_dataset_and_its_resume(docs, reference, tmp_path, monkeypatch, caps
         ds = datasets.Dataset.from_list([{"text": doc, "id": i} for i, doc in enumerate(docs)])
         return ds.to_iterable_dataset(num_shards=3) if kwargs["streaming"] else ds
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    argv = ["--out", str(tmp_path / "out"), "--shard_size", str(SHARD), "--workers", "2"]
+    argv = ["--out", str(tmp_path / "out"), "--shard_size", str(SHARD), "--workers", str(WORKERS)]
     argv += ["--streaming"] if streaming else []
     with monkeypatch.context() as patch:
         interrupt_after(patch, 5)
@@ -324,7 +350,7 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch, capsys):
     message = error_of(capsys, ["--out", str(tmp_path / "out")])
     assert message.endswith("cannot load HuggingFaceFW/fineweb-edu (--name sample-10BT): ConnectionError: "
                             "Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")
-    assert read_dir(tmp_path / "out") == {}  # nothing written (but the lock)
+    assert not (tmp_path / "out").exists()  # the folder this run made (and its lock) is gone again
 
 
 # -----------------------------------------------------------------------------
@@ -360,16 +386,61 @@ def test_missing_text_field_names_the_fields(tmp_path, capsys):
     ("bad.jsonl", b'{"text": "\xff"}\n', "bad.jsonl:1: not valid JSON"),
     ("bad.txt", b"caf\xe9", "bad.txt: not UTF-8 text"),
     ("bad.parquet", b"not parquet at all", "bad.parquet: not a readable parquet file"),
-    ("empty.jsonl", b"\n\n", "the input holds no documents"),
+    ("empty.jsonl", b"\n\n", "the input holds no documents: nothing to train on"),
     ("notes.csv", b"text\nhello\n", "unknown file type; use .txt (one document), .jsonl or .parquet"),
 ])
 def test_bad_files(tmp_path, capsys, name, content, expected):
     (tmp_path / name).write_bytes(content)
     assert expected in error_of(capsys, ["--input", str(tmp_path / name), "--out", str(tmp_path / "out")])
-    if name == "notes.csv":
-        assert not (tmp_path / "out").exists()  # checked before anything is done
-    if name == "empty.jsonl":
-        assert read_dir(tmp_path / "out") == {}  # nothing written (but the lock)
+    assert not (tmp_path / "out").exists()  # checked before anything is done, or the folder made is gone again
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--workers", "5"], "--workers 5: this machine has 4 cores: use --workers 4 or fewer"),
+    (["--workers", "0"], "--workers 0: this machine has 4 cores"),
+    (["--shard_size", "0"], "--shard_size 0: use 1 to 1,000,000,000 tokens"),
+    (["--shard_size", str(10**12)], f"--shard_size {10**12}: use 1 to 1,000,000,000 tokens"),  # 2 TB of buffer
+    (["--prefix", "a/b"], "--prefix 'a/b': use a short file name, without /"),
+    (["--prefix", ""], "--prefix '': use a short file name"),  # "_val_000000.npy" is no shard to train_gpt2.py
+    (["--prefix", "a\nb"], "--prefix 'a\\nb': use a short file name"),
+    (["--prefix", "x" * 225], "use a short file name"),  # its temp files' names would not fit in 255 bytes
+    (["--text_field", ""], "--text_field is empty: name the field that holds each document's text"),
+    (["--text_field", "", "--workers", "5"], "use --workers 4 or fewer; --text_field is empty"),  # all at once
+])
+def test_bad_flags_are_refused_before_any_work(reference, tmp_path, monkeypatch, capsys, flags, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert expected in error_of(capsys, ["--input", reference[0], "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_longest_prefix_allowed_works(tmp_path):
+    run([write_jsonl(tmp_path / "d.jsonl", ["hello world"] * 400)], tmp_path / "out", "--prefix", "x" * 224)
+    assert [split for split, _ in common.list_shards(tmp_path / "out")] == ["val", "train"]
+
+
+def test_an_empty_text_file_is_refused_and_leaves_nothing(tmp_path, capsys):
+    # one document, a lone <|endoftext|>: nothing to train on
+    (tmp_path / "empty.txt").write_text("")
+    message = error_of(capsys, ["--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "new" / "out"),
+                                "--workers", "1"])
+    assert message.endswith("the input holds 1 tokens (1 documents), fewer than one training window of 1,025 "
+                            "(T+1 = 1024+1): give it more text")
+    assert not (tmp_path / "new").exists()  # nor the folders this run made
+
+
+@pytest.mark.parametrize("n_tokens", [1024, 1025])
+def test_an_input_needs_one_training_window(tmp_path, capsys, n_tokens):
+    # "hello world" is 3 tokens with its <|endoftext|>, "" is 1: 341 * 3 + 1 = 1,024 tokens, one short of T+1
+    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 341 + [""] * (n_tokens - 1023))
+    (tmp_path / "out").mkdir()  # the user's folder: kept, and left as it was found
+    argv = ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", "100", "--workers", "1"]
+    if n_tokens == 1024:  # its shards were written (100 tokens each), then removed
+        assert error_of(capsys, argv).endswith("the input holds 1,024 tokens (342 documents), fewer than one "
+                                               "training window of 1,025 (T+1 = 1024+1): give it more text")
+        assert list((tmp_path / "out").iterdir()) == []
+    else:
+        fineweb.main(argv)
+        assert concatenated(tmp_path / "out").size == 1025 and len(shard_files(tmp_path / "out")) == 11
 
 
 def test_parquet_problems_name_the_file_and_row(tmp_path, capsys):
@@ -430,7 +501,7 @@ def tokenize_batch_failing(texts):
 def test_an_error_raised_in_a_worker_is_one_line(reference, tmp_path, monkeypatch, capsys):
     path, _ = reference
     monkeypatch.setattr(fineweb, "tokenize_batch", tokenize_batch_failing)  # forked workers see the patch
-    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--workers", "2"])
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--workers", str(WORKERS)])
     assert message == "fineweb.py: error: raised in a worker"
 
 # -----------------------------------------------------------------------------
@@ -476,6 +547,52 @@ def test_unwritable_out_is_one_line(reference, tmp_path, capsys):
     assert message.endswith(f"cannot write into {tmp_path}/file/out (Not a directory): choose a writable directory")
 
 
+def test_output_path_errors_are_one_line(reference, tmp_path, monkeypatch, capsys):
+    path, _ = reference
+    (tmp_path / "file").write_text("")
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "file")])
+    assert message.endswith(f"--out {tmp_path}/file is a file, not a directory: choose another --out")
+    long = "x" * 300  # a name over the file system's 255 bytes (ENAMETOOLONG)
+    assert "File name too long" in error_of(capsys, ["--input", path, "--out", str(tmp_path / "new" / long / "out")])
+    assert not (tmp_path / "new").exists()  # made before mkdir failed on the long name, then removed
+    assert "File name too long" in error_of(capsys, ["--input", str(tmp_path / f"{long}.jsonl"), "--out",
+                                                     str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+    def run_config(args):  # any other OSError that no check foresaw: one line too
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere")
+    monkeypatch.setattr(fineweb, "run_config", run_config)
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out")])
+    assert message == "fineweb.py: error: /somewhere: Permission denied"
+
+
+def test_a_failure_before_the_first_shard_leaves_nothing_this_run_made(reference, tmp_path, monkeypatch, capsys):
+    path, files = reference
+    argv = ["--input", path, "--shard_size", str(SHARD), "--workers", "1", "--out"]
+
+    def interrupt(*args):  # Ctrl-C after the manifest is written, before the first shard
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(fineweb, "write_shards", interrupt)
+        assert "interrupted with 0 shards finished" in error_of(capsys, argv + [str(tmp_path / "new" / "out")])
+        assert not (tmp_path / "new").exists()  # the folders, the lock and the manifest are gone
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("kept")
+        error_of(capsys, argv + [str(tmp_path / "mine")])
+        assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # as it was found
+    # what an earlier run made is never removed: its shard, manifest and lock stay through a failure before the next
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        error_of(capsys, argv + [str(tmp_path / "out")])
+    before = read_dir(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        patch.setattr(fineweb, "write_shards", interrupt)
+        error_of(capsys, argv + [str(tmp_path / "out")])
+    assert read_dir(tmp_path / "out") == before and (tmp_path / "out" / ".lock").exists()
+    fineweb.main(argv + [str(tmp_path / "out")])
+    assert read_dir(tmp_path / "out") == files
+
+
 @pytest.mark.parametrize("full_at", ["manifest.json", "edufineweb_train_000003.npy", "manifest.json after shard 3"])
 def test_full_disk_keeps_what_is_finished_and_the_rerun_completes(reference, tmp_path, monkeypatch, capsys, full_at):
     # the disk fills up part-way through writing the first manifest, the fourth shard, or the manifest listing it
@@ -494,7 +611,9 @@ def test_full_disk_keeps_what_is_finished_and_the_rerun_completes(reference, tmp
         message = error_of(capsys, ["--input", path, "--out", str(out), "--shard_size", str(SHARD)])
     assert f"could not write {out}/{full_at.split()[0]} (No space left on device; " in message
     assert message.endswith("GB free there). Free some space and run the same command again: finished shards are kept")
-    assert not [name for name in read_dir(out) if name.endswith(".tmp")]  # no temp file left
+    assert not list(out.glob("*.tmp"))  # no temp file left
+    if full_at == "manifest.json":  # before the first shard: the folder this run made is gone again
+        assert not out.exists()
     # the manifest on disk is whole and lists whole shards: those finished before the disk filled up
     listed = json.loads(files["manifest.json"])["shards"][:0 if full_at == "manifest.json" else 3]
     if listed:
