@@ -4,6 +4,7 @@ HellaSwag: does our GPT-2 pick the right ending as often as OpenAI's? Download, 
     python hellaswag.py -m gpt2                         # OpenAI's GPT-2 124M from the hub: acc_norm 0.2955
     python hellaswag.py -m log/model_19073.pt -d cuda   # one of our checkpoints
     python hellaswag.py -m some/hf_dir --limit 200      # a Hugging Face directory, quick look at 200 examples
+    python hellaswag.py -m gpt2 --dtype bfloat16        # faster; a few examples may pick another ending
 
 Each example is a context and 4 endings. Every ending is scored by the model's cross-entropy on the ending's
 tokens given the context ("completion style", as in build-nanogpt): acc picks the ending with the lowest summed
@@ -13,6 +14,9 @@ scorer during training, so this file imports nothing of train_gpt2.py (only the 
 
 import argparse
 import json
+import os
+import stat
+import tempfile
 from itertools import islice
 from pathlib import Path
 
@@ -28,6 +32,29 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkp
 
 # -----------------------------------------------------------------------------
 # Data: the jsonl files of the HellaSwag repository, one example per line.
+
+# what a path that is not a regular file is, for the messages (os.stat's mode tells)
+KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path):
+    """"a file", "a directory", "a FIFO (named pipe)", ... for what is at `path`; None where nothing is. Found by
+    stat, never by opening it: opening a FIFO waits for a writer, forever if none comes. A path the OS refuses (a
+    name over 255 bytes, a file used as a folder, no permission) raises its OSError."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return "a file"
+    return next((kind for is_kind, kind in KINDS if is_kind(mode)), "not a regular file")
+
+
+def data_file_problem(path):
+    """Why `path` cannot be read as a jsonl file, or None."""
+    kind = path_kind(path)
+    return None if kind == "a file" else f"{kind}, not a jsonl file" if kind else "no such file"
 
 
 def download(split):
@@ -59,6 +86,9 @@ def iterate_examples(split, data_file=None):
     path = Path(data_file) if data_file else download(split)
     count = 0
     try:
+        problem = data_file_problem(path)  # here too for training's --hellaswag_data: a FIFO must not block it
+        if problem:
+            raise common.UserError(f"{path}: {problem}")
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
@@ -207,11 +237,12 @@ def score_batch(model, batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, examples, device, batch_size=16, dtype="auto", progress=False, stop=None):
+def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=False, stop=None):
     """Score example dicts, or tuples from render_example, -> dict(n, correct, correct_norm, acc, acc_norm).
 
-    batch_size counts examples (4 rows each). dtype: "auto" (common.resolve_dtype's choice for the device),
-    "bfloat16" (autocast) or "float32"; training passes its run's dtype. The counts are exact integers, for
+    batch_size counts examples (4 rows each). dtype: "float32" (published scores are float32 ones), "bfloat16"
+    (autocast) or "auto" (common.resolve_dtype's choice for the device); training passes its run's dtype, so its
+    log's score is the one the model computes in training. The counts are exact integers, for
     all_reduce across ranks. stop: a callable; when it returns True the scoring ends early (training uses it to
     save a checkpoint in time when the machine is being reclaimed) and the counts cover the examples scored.
     """
@@ -246,13 +277,54 @@ def evaluate(model, examples, device, batch_size=16, dtype="auto", progress=Fals
 
 
 def loads_into_our_gpt(config):
-    """True when a transformers config describes a GPT-2 that train_gpt2.GPT computes exactly: the same
-    activation, MLP width, LayerNorm epsilon, attention scaling and tied head (Cerebras-GPT, for one, is a
-    "gpt2" with another activation; it goes through transformers)."""
-    return (config.model_type == "gpt2" and config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-            and config.n_inner in (None, 4 * config.n_embd) and config.layer_norm_epsilon == 1e-5
-            and config.scale_attn_weights and not config.scale_attn_by_inverse_layer_idx
-            and config.tie_word_embeddings and not config.add_cross_attention)
+    """True when a transformers config describes a GPT-2 that train_gpt2.GPT computes exactly (the rules live in
+    common.gpt2_differences, which the export shares); any other (Cerebras-GPT, for one, is a "gpt2" with another
+    activation) goes through transformers."""
+    return not common.gpt2_differences(config)
+
+
+def model_problem(name):
+    kind = path_kind(name)
+    if kind is None and name not in GPT2_NAMES:
+        return f"no such file or directory, and not one of {', '.join(GPT2_NAMES)}"
+    if kind not in (None, "a file", "a directory"):
+        return f"{kind}, not a checkpoint file or a model directory"
+    return None
+
+
+def json_problem(path):
+    """The result is written last: whatever would stop the write must show before the scoring, not after it."""
+    path = Path(path)
+    kind = path_kind(path)
+    if kind not in (None, "a file"):
+        return f"{kind}, not a file"
+    if path_kind(path.parent) != "a directory":
+        return f"{path.parent} is not an existing directory"
+    # a trial write: a temp file named as common.atomic_write names its own (.NAME.XXXXXXXX.tmp, 14 bytes longer
+    # than the name), so a read-only directory or a name too long shows now
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
+def check_paths(args):
+    """One UserError naming every problem of -m, --data_file and --json, before the download, the model load and
+    the scoring. An OSError (a name over 255 bytes, a file used as a folder, no permission) is a problem too."""
+    checks = {"-m": (args.model, model_problem), "--data_file": (args.data_file, data_file_problem),
+              "--json": (args.json, json_problem)}
+    problems = []
+    for flag, (path, problem_of) in checks.items():
+        if path is None:
+            continue
+        try:
+            problem = problem_of(path)
+        except OSError as e:
+            problem = e.strerror or str(e)
+        if problem:
+            problems.append(f"{flag} {path}: {problem}")
+    if problems:
+        raise common.UserError("; ".join(problems))
 
 
 def load_model(name):
@@ -260,9 +332,10 @@ def load_model(name):
 
     GPT-2s, ours or Hugging Face's, load into train_gpt2.GPT (the same logits) for its packed rows: on a CPU
     1.5x transformers' model with 4 rows per example, 5-6x build-nanogpt's one example per forward (bench.py).
-    Other architectures load through transformers. train_gpt2.py is imported here only, not at the top: it
-    imports this file, and the CLI is the one user.
+    Other architectures load through transformers.
     """
+    # The one import of train_gpt2 from below it, and a lazy one: train_gpt2.py imports this file (at the top it
+    # would be loaded twice under `python train_gpt2.py`, with two UserError classes); the CLI is the one user.
     import train_gpt2
 
     if Path(name).is_file():
@@ -289,23 +362,24 @@ def main(argv=None):
     parser.add_argument("-m", "--model", default="gpt2",
                         help=f"one of {', '.join(GPT2_NAMES)}, a Hugging Face directory, or our .pt checkpoint")
     parser.add_argument("-d", "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="auto: bfloat16 autocast where the hardware has it natively, else float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="float32 (default) reproduces published scores, all measured in float32 (GPT-2 124M: "
+                             "acc_norm 0.2955), with TF32 matmuls on CUDA as there; bfloat16: autocast, faster, and "
+                             "a few examples may pick another ending; auto: train_gpt2.py's --dtype auto "
+                             "(bfloat16 on CUDA and on CPUs with native bf16), to reproduce a run's logged score")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--data_file", help="a local HellaSwag jsonl instead of the downloaded split")
     parser.add_argument("--limit", type=int, help="score only the first N examples (a quick look)")
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
     parser.add_argument("--json", help="also write {n, acc, acc_norm} to this file")
     args = parser.parse_args(argv)
-    # check everything cheap before the download and the model load
-    if not (Path(args.model).exists() or args.model in GPT2_NAMES):
-        parser.error(f"-m {args.model}: no such file or directory, and not one of {', '.join(GPT2_NAMES)}")
-    if args.data_file and not Path(args.data_file).is_file():
-        parser.error(f"--data_file {args.data_file}: no such file")
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         parser.error("--limit and --batch_size must be at least 1")
     try:
+        check_paths(args)  # everything cheap before the download and the model load
         device = common.pick_device(args.device)
+        if device == "cuda":  # float32 matmuls in TF32, as the published scores were measured (build-nanogpt)
+            torch.set_float32_matmul_precision("high")
         examples = [render_example(e) for e in islice(iterate_examples(args.split, args.data_file), args.limit)]
         model = load_model(args.model).to(device)
         result = evaluate(model, examples, device, args.batch_size, args.dtype, progress=True)
@@ -316,6 +390,9 @@ def main(argv=None):
             common.atomic_write(args.json, lambda f: f.write(summary.encode()))
     except common.UserError as e:  # the one error type of all our programs: bad data, models, network
         raise SystemExit(f"hellaswag.py: error: {e}") from None
+    except OSError as e:  # whatever else the OS refuses (an unreadable file, a vanished disk): one line too
+        where = f"{e.filename}: " if e.filename else ""
+        raise SystemExit(f"hellaswag.py: error: {where}{e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import http.server
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -142,6 +144,12 @@ def run_cli(*args):
     """hellaswag.py as users run it: a process of its own, hellaswag.py being __main__."""
     return subprocess.run([sys.executable, "hellaswag.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           check=False)
+
+
+def assert_one_line(excinfo, message):
+    """main(argv) in-process ended with hellaswag.py's one-line error (what the shell shows), saying `message`."""
+    error = str(excinfo.value.code)
+    assert error.startswith("hellaswag.py: error: ") and "\n" not in error and message in error, error
 
 
 def assert_one_line_error(run, message):
@@ -284,12 +292,14 @@ def test_render_example_rejects_bad_examples():
 def test_cli_errors(tmp_path, capsys):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples())
     (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
-    for args, message in [(["-m", "no/such/model"], "no such file or directory, and not one of gpt2"),
-                          (["--data_file", "missing.jsonl"], "--data_file missing.jsonl: no such file"),
-                          (["--limit", "0"], "at least 1")]:
-        with pytest.raises(SystemExit):  # argparse's usage line and the error
-            hellaswag.main(["-d", "cpu", *args])
-        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a flag's form: argparse's usage line and the error
+        hellaswag.main(["-d", "cpu", "--limit", "0"])
+    assert "at least 1" in capsys.readouterr().err
+    # paths: one line naming every problem, before any work
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-d", "cpu", "-m", "no/such/model", "--data_file", "missing.jsonl"])
+    assert_one_line(run, "-m no/such/model: no such file or directory, and not one of gpt2, gpt2-medium")
+    assert "; --data_file missing.jsonl: no such file" in str(run.value.code)
     # the real command line: train_gpt2.py's loader raises the UserError, hellaswag.py (__main__) prints it
     assert_one_line_error(run_cli("-m", tmp_path / "foreign.pt", "--data_file", data), "not a readable checkpoint")
     (tmp_path / "not_hf").mkdir()  # a directory without config.json
@@ -363,4 +373,180 @@ def test_failed_download_leaves_nothing(server, monkeypatch, route):
     monkeypatch.setattr(hellaswag, "URL", base + route)
     with pytest.raises(common.UserError, match=r"could not download http://127\.0\.0\.1:\d+/(missing|cut)_val"):
         hellaswag.download("val")
-    assert list(hellaswag.DATA_DIR.iterdir()) == []
+    assert not hellaswag.DATA_DIR.exists()  # nor the folder it created
+
+
+def test_failed_download_leaves_no_hellaswag_folder(tmp_path, monkeypatch):
+    """No empty hellaswag/ after a failed first download, from download() and from the command line."""
+    monkeypatch.setattr(hellaswag, "DATA_DIR", tmp_path / "new" / "hellaswag")  # neither folder exists yet
+    monkeypatch.setattr(hellaswag, "URL", f"file://{tmp_path}/nowhere/hellaswag_{{split}}.jsonl")
+    with pytest.raises(common.UserError, match=f"could not download file://{tmp_path}/nowhere/hellaswag_val.jsonl"):
+        hellaswag.download("val")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-d", "cpu"])
+    assert_one_line(run, "could not download file://")
+    assert not (tmp_path / "new").exists()
+
+# -- one home for the GPT-2-variant check
+
+
+def test_loads_into_our_gpt_is_commons_check(monkeypatch):
+    """loads_into_our_gpt asks common.gpt2_differences (which the export shares), not a copy of its rules."""
+    from transformers import GPT2Config, GPTNeoConfig
+
+    configs = [GPT2Config(), GPT2Config(activation_function="gelu"), GPT2Config(n_inner=100),
+               GPT2Config(reorder_and_upcast_attn=True), GPTNeoConfig()]
+    assert [hellaswag.loads_into_our_gpt(c) for c in configs] == [True, False, False, False, False]
+    monkeypatch.setattr(common, "gpt2_differences", lambda config: ["a rule added to common.py"])
+    assert not hellaswag.loads_into_our_gpt(GPT2Config())
+
+# -- the CLI's dtype: float32 by default, the published scores' precision
+
+
+def near_tie_examples(model, n=8):
+    """Examples on which float32 and bf16 pick differently. Every ending is one word; the label's (ending 1)
+    float32 logit after the context beats ending 0's by 1e-5 to 1e-4, far below bf16's resolution (about 5e-4 for
+    logits near 0.1), so bf16 ties them (argmin then takes ending 0) or swaps them. Endings 2, 3: the least likely."""
+    enc = common.get_tokenizer()
+    words = {}
+    for t in range(common.EOT):  # tokens " word" that encoding " word" gives back
+        text = enc.decode([t])
+        if text.startswith(" ") and text[1:].isascii() and text[1:].isalpha() and enc.encode_ordinary(text) == [t]:
+            words[t] = text[1:]
+    ids = torch.tensor(list(words))
+    examples = []
+    for i in range(n):
+        ctx = " ".join(WORDS[i:i + 6])
+        with torch.no_grad():
+            logits = model.eval()(torch.tensor([enc.encode_ordinary(ctx)]))[0][0, -1, ids]
+        order = ids[logits.argsort(descending=True)].tolist()
+        gaps = logits.sort(descending=True).values.diff().neg()  # gaps[j]: logit of order[j] - logit of order[j + 1]
+        j = int(((gaps > 1e-5) & (gaps < 1e-4)).nonzero()[0])
+        examples.append({"ctx": ctx, "endings": [words[t] for t in (order[j + 1], order[j], order[-1], order[-2])],
+                         "label": 1})
+    return examples
+
+
+def test_cli_default_is_float32_where_auto_picks_bf16(tmp_path, monkeypatch, capsys):
+    """On a machine whose --dtype auto is bf16 (a CPU with native bf16, patched in), the CLI's default scores in
+    float32 and equals the one-example-at-a-time float32 reference; bf16 is what --dtype bfloat16 (and auto) give."""
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    assert common.resolve_dtype("auto", "cpu") == "bfloat16"
+    real_autocast, used = common.autocast, []
+    monkeypatch.setattr(common, "autocast", lambda device_type, dtype: used.append(dtype) or
+                        real_autocast(device_type, dtype))
+    model = tiny_gpt()
+    examples = near_tie_examples(model)
+    path, data = save_checkpoint(model, tmp_path / "model.pt"), write_jsonl(tmp_path / "hs.jsonl", examples)
+
+    def cli(*extra):
+        used.clear()
+        hellaswag.main(["-m", str(path), "--data_file", str(data), "-d", "cpu", "--json", str(tmp_path / "h.json"),
+                        *extra])
+        return json.loads((tmp_path / "h.json").read_text()), set(used)
+
+    assert reference_counts(model, examples) == (8, 8)  # float32 picks every label
+    assert cli() == ({"n": 8, "acc": 1.0, "acc_norm": 1.0}, {"float32"})
+    assert "acc_norm 1.0000" in capsys.readouterr().out
+    bf16, dtypes = cli("--dtype", "bfloat16")
+    assert dtypes == {"bfloat16"} and bf16["acc_norm"] < 1.0  # the default's result is not bf16's
+    assert cli("--dtype", "auto") == (bf16, {"bfloat16"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_default_on_cuda_is_float32_with_tf32(tmp_path, monkeypatch):
+    """On a GPU (bf16 for --dtype auto from sm80) the default is float32 with TF32 matmuls, as published."""
+    real_autocast, used = common.autocast, []
+    monkeypatch.setattr(common, "autocast", lambda device_type, dtype: used.append(dtype) or
+                        real_autocast(device_type, dtype))
+    model, examples = tiny_gpt(seed=2), make_examples(seed=2)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        hellaswag.main(["-m", str(save_checkpoint(model, tmp_path / "model.pt")), "-d", "cuda", "--json",
+                        str(tmp_path / "h.json"), "--data_file", str(write_jsonl(tmp_path / "hs.jsonl", examples))])
+        assert torch.get_float32_matmul_precision() == "high" and set(used) == {"float32"}
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    correct, correct_norm = reference_counts(model, examples)  # float32 on the CPU
+    result = json.loads((tmp_path / "h.json").read_text())
+    assert result == {"n": 12, "acc": correct / 12, "acc_norm": correct_norm / 12}
+
+# -- output and input paths checked before the work
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """hellaswag.main may not read data or load a model: the checks come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the work started before the paths were checked")
+
+    monkeypatch.setattr(hellaswag, "iterate_examples", fail)
+    monkeypatch.setattr(hellaswag, "load_model", fail)
+
+
+@pytest.fixture
+def no_hang():
+    """Fail rather than wait forever (opening a FIFO blocks until a writer comes)."""
+    def fail(*args):
+        raise TimeoutError("blocked")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+JSON_PATHS = {  # --json -> what the one-line error says
+    "missing folder": (lambda tmp: tmp / "missing" / "dir" / "h.json", "is not an existing directory"),
+    "a directory": (lambda tmp: tmp, "a directory, not a file"),
+    "a FIFO": (lambda tmp: os.mkfifo(tmp / "fifo") or tmp / "fifo", "a FIFO (named pipe), not a file"),
+    "long folder name": (lambda tmp: tmp / ("d" * 300) / "h.json", "File name too long"),
+    "long file name": (lambda tmp: tmp / ("h" * 250), "File name too long"),  # its temp file's name is over 255
+    "a file as folder": (lambda tmp: write_jsonl(tmp / "f", []) / "h.json", "Not a directory"),
+    "read-only folder": (lambda tmp: Path("/sys/h.json"), "Permission denied"),  # even for root
+}
+
+
+@pytest.mark.parametrize("case", JSON_PATHS)
+def test_json_path_checked_before_the_work(tmp_path, case, no_work, capsys):
+    make, message = JSON_PATHS[case]
+    if case == "read-only folder" and not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs")
+    path = make(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", "gpt2", "-d", "cpu", "--json", str(path)])
+    assert_one_line(run, f"--json {path}: ")
+    assert str(run.value.code).endswith(message)
+    assert capsys.readouterr().out == "" and sorted(tmp_path.iterdir()) == before  # no result, no trial file left
+
+
+@pytest.mark.parametrize("kind", ["a directory", "a FIFO (named pipe)", "a character device"])
+def test_data_file_that_is_not_a_file(tmp_path, kind, no_hang):
+    path = {"a directory": tmp_path, "a character device": Path("/dev/null")}.get(kind, tmp_path / "fifo")
+    if kind.startswith("a FIFO"):
+        os.mkfifo(path)
+    with pytest.raises(common.UserError, match=f"^{re.escape(str(path))}: {re.escape(kind)}, not a jsonl file$"):
+        list(hellaswag.iterate_examples("val", path))
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", "gpt2", "-d", "cpu", "--data_file", str(path)])
+    assert_one_line(run, f"--data_file {path}: {kind}, not a jsonl file")
+
+
+def test_any_os_error_is_one_line(tmp_path, monkeypatch):
+    """A name the OS refuses, or an OSError from deeper down: one line, not a traceback."""
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", str(tmp_path / ("m" * 300) / "model.pt"), "-d", "cpu"])
+    assert_one_line(run, "model.pt: File name too long")
+    path, data = save_checkpoint(tiny_gpt(), tmp_path / "model.pt"), write_jsonl(tmp_path / "hs.jsonl", make_examples())
+
+    def unreadable(name):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(hellaswag, "load_model", unreadable)
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", str(path), "--data_file", str(data), "-d", "cpu"])
+    assert_one_line(run, f"{path}: Permission denied")
