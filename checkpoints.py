@@ -4,8 +4,9 @@ reader of the lesson need not see inline.
 
 A checkpoint holds everything needed to continue a run exactly: the model (no `_orig_mod.`/`module.` prefixes),
 its config, the step, the optimizer, every rank's data position and random generators, the run's flags, and a
-checksum of the tensors (a flipped byte on disk is refused, not trained on). It is written under a temporary name
-and renamed (common.atomic_write), so a crash never leaves a torn file under a real name.
+checksum of all of it, tensors and metadata (a flipped byte on disk is refused, not trained on or obeyed). It is
+written under a temporary name and renamed (common.atomic_write), so a crash never leaves a torn file under a real
+name. Restoring a checkpoint into a run is here too; the rest of resuming is bookkeeping.py's.
 """
 
 import dataclasses
@@ -57,16 +58,20 @@ def set_rng_state(state, world):
         torch.cuda.set_rng_state(state["cuda"], world.device)
 
 
-def tensor_checksum(obj):
-    """CRC32 over the bytes of every tensor in a nested dict/list (about 1 GB/s: a second for GPT-2 124M)."""
-    crc = 0
+def checksum(obj):
+    """CRC32 of a nested dict/list of tensors and plain values: every tensor's bytes (about 1 GB/s: a second for
+    GPT-2 124M), every other value's repr and every key, so that flags and steps are covered as well as weights."""
     if isinstance(obj, torch.Tensor):
-        data = obj.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
-        return zlib.crc32(data, crc)
-    items = sorted(obj.items(), key=lambda kv: str(kv[0])) if isinstance(obj, dict) else \
-        enumerate(obj) if isinstance(obj, (list, tuple)) else []
-    for _, value in items:
-        crc = zlib.crc32(tensor_checksum(value).to_bytes(4, "little"), crc)
+        return zlib.crc32(obj.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())
+    if isinstance(obj, dict):
+        items = [(repr(k), v) for k, v in sorted(obj.items(), key=lambda kv: repr(kv[0]))]
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    else:
+        return zlib.crc32(f"{type(obj).__name__}:{obj!r}".encode())
+    crc = zlib.crc32(type(obj).__name__.encode())
+    for key, value in items:
+        crc = zlib.crc32(f"{key}={checksum(value)};".encode(), crc)
     return crc
 
 
@@ -91,9 +96,9 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
             "config": dataclasses.asdict(raw_model.config), "step": step, "val_loss": val_loss,
             "optimizer": optimizer_state, "loaders": [r["loader"] for r in ranks],
             "rng": [r["rng"] for r in ranks], "args": dataclasses.asdict(cfg),
-            "checksum": {"model": tensor_checksum(model_state), "optimizer": tensor_checksum(optimizer_state)},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_commit(), "torch": str(torch.__version__),
         }
+        checkpoint["checksum"] = checksum(checkpoint)  # of everything above
         try:
             atomic_write(path, lambda f: torch.save(checkpoint, f),
                          hint=". Earlier checkpoints are intact: free some space, then continue with --resume")
@@ -122,7 +127,7 @@ def prune_checkpoints(log_dir, keep):
 
 
 MODEL_KEYS = {"model": dict, "config": dict, "step": int}  # what from_checkpoint needs
-RESUME_KEYS = {"optimizer": (list, dict), "loaders": list, "rng": list, "args": dict}  # and what --resume needs
+RESUME_KEYS = {"optimizer": list, "loaders": list, "rng": list, "args": dict}  # and what --resume needs
 
 
 def load_checkpoint(path, map_location="cpu", for_resume=False):
@@ -140,9 +145,10 @@ def load_checkpoint(path, map_location="cpu", for_resume=False):
     wrong = [k for k, kind in expected.items() if not isinstance(checkpoint.get(k), kind)]
     if wrong:
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (missing or malformed: {', '.join(wrong)})")
-    for part, saved in checkpoint.get("checksum", {}).items():
-        if part in checkpoint and tensor_checksum(checkpoint[part]) != saved:
-            raise UserError(f"{path} is corrupt: its {part} tensors do not match the checksum saved with them")
+    saved = checkpoint.pop("checksum", None)  # (files of older versions hold a dict here, of their tensors only)
+    if isinstance(saved, int) and checksum(checkpoint) != saved:
+        raise UserError(f"{path} is corrupt: its contents do not match the checksum saved with them; use an "
+                        f"earlier checkpoint")
     return checkpoint
 
 
@@ -160,6 +166,18 @@ def find_resume_checkpoint(log_dir, resume):
         except UserError as e:
             print(f"skipping {e}")
     raise UserError(f"--resume: none of the checkpoints in {log_dir} is readable")
+
+
+def restore_checkpoint(checkpoint, optimizers, train_loader, world):
+    """Optimizer moments, the data position and this rank's random generators, as the checkpoint left them."""
+    for optimizer, state in zip(optimizers, checkpoint["optimizer"]):
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
+            if "fused" in group:
+                group["fused"] = world.device_type == "cuda"
+    train_loader.load_state_dict(checkpoint["loaders"][0])  # a global position: the same for every rank
+    rng = checkpoint["rng"]  # one state per rank; a run resumed on another number of ranks gives each rank 0's
+    set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)
 
 
 def check_resume_flags(saved, cfg, math_flags):
@@ -181,7 +199,9 @@ class StopSignals:
     """The first SIGTERM or SIGINT asks the loop to stop at the next safe point (after the current update, or at
     once during an evaluation), save a checkpoint and exit 0. Further SIGTERMs are ignored: a VM shutdown signals
     the whole process group and torchrun forwards another, and neither may kill a rank while it saves. Only a
-    second Ctrl-C stops at once (KeyboardInterrupt), for a user who does not want to wait."""
+    second Ctrl-C stops at once (KeyboardInterrupt), for a user who does not want to wait. Once the checkpoint is
+    saved, nothing that arrives later may turn the clean exit into a kill: after a stop request the handlers are not
+    given back, both signals are ignored until the process ends."""
 
     def __enter__(self):
         self.received = None
@@ -199,8 +219,9 @@ class StopSignals:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc):
+        stopped_cleanly = self.received is not None and exc[0] is None
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if stopped_cleanly else handler)
 
     def any_rank(self, world):
         """True on every rank if any rank got a signal (so that all of them stop at the same step)."""

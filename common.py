@@ -209,6 +209,44 @@ def list_shards(directory):
     return [(split, p) for _, _, split, p in found]
 
 
+def split_paths(directory, split):
+    """The shard files of one split ("train" or "val") of a shard directory, checked as a set (list_shards)."""
+    if not Path(directory).is_dir():
+        raise UserError(f"--data {directory} is {what_is(directory)}, not a shard directory. {SHARD_HINT}")
+    paths = [p for s, p in list_shards(directory) if s == split]
+    if not paths:  # fineweb.py fills shard 0, the val shard, first: a small corpus gives no train shard
+        raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {directory}" + (
+            ": its corpus was smaller than fineweb.py's --shard_size, which fills the val shard first; run "
+            "fineweb.py again with a smaller --shard_size (a tenth of the corpus's tokens)" if split == "train"
+            else f". {SHARD_HINT}"))
+    return paths
+
+
+def load_shard(path):
+    """A shard as a memory map: 100M tokens cost no memory until their pages are read."""
+    import numpy as np
+
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # truncated, pickled objects, not .npy at all
+        raise UserError(f"{path} is not a readable .npy shard ({str(e).splitlines()[0]}). "
+                        f"HINT: regenerate it with `python fineweb.py`") from None
+
+
+def check_tokens(array, name, T, vocab_size=None):
+    """A token array fit for training, checked before step 0 (one pass over a memory map) rather than as an
+    IndexError hours into the run: 1-D uint16, at least one window of T+1 tokens, every id in the vocabulary."""
+    import numpy as np
+
+    if array.dtype != np.uint16 or array.ndim != 1:
+        raise UserError(f"{name}: expected a 1-D uint16 token array, found {array.dtype} {array.shape}. "
+                        f"HINT: regenerate it with `python fineweb.py`")
+    if len(array) < T + 1:
+        raise UserError(f"{name}: {len(array)} tokens, fewer than one window of T+1 = {T + 1}")
+    if vocab_size is not None and (top := int(array.max())) >= vocab_size:
+        raise UserError(f"{name}: holds token id {top}, outside the model's vocabulary of {vocab_size}")
+
+
 # -----------------------------------------------------------------------------
 # GPT-2's tokenizer, device and dtype.
 

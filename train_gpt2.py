@@ -8,18 +8,17 @@ Train GPT-2 from scratch, in one file that reads top to bottom.
 
 Sections, in reading order: the model (exactly Hugging Face's GPT-2), what changed since GPT-2 (--recipe modern:
 the same file's faster recipe, as a diff against the model), the data loader, the learning-rate schedule,
-distributed set-up, evaluations, the hyperparameter table, the training step and loop. Operations code lives beside
-this file: checkpoints.py (checkpoints, resume, preemption) and common.py (errors, atomic writes,
-downloads, tokenizer, device and dtype). The appendix at the end holds a faster loss for CPUs.
+distributed set-up, evaluations, the hyperparameter table, then the training step and loop, and main. The appendix
+at the end measures speed and holds a faster loss for CPUs. The operations the loop calls live beside this file:
+bookkeeping.py (flags checked before any work, resume, log.txt, locks, signals, a batch that fits the GPU),
+checkpoints.py (what a checkpoint holds) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
 """
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,13 +29,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import bookkeeping
 import hellaswag
-from checkpoints import (StopSignals, check_resume_flags, find_resume_checkpoint, git_commit, list_checkpoints,
-                         load_checkpoint, save_checkpoint, set_rng_state)
-from common import (EOT, UserError, atomic_write, autocast, download_moliere, get_tokenizer, lock_directory,
-                    pick_device, resolve_dtype, save_hf_tokenizer)
-
-HERE = Path(__file__).resolve().parent  # default data and downloads live beside this file
+from checkpoints import load_checkpoint
+from common import (EOT, GPT2_SHAPES, UserError, autocast, check_tokens, export_directory, get_tokenizer,
+                    gpt2_differences, load_shard, pick_device, resolve_dtype, save_hf_tokenizer, split_paths, what_is)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, module names as in Hugging Face so weights map one to one.
@@ -169,15 +166,10 @@ class GPT(nn.Module):
         except OSError as e:  # not on the hub, not cached and offline, or not a model directory
             raise UserError(f"could not load {name_or_path} ({(str(e).splitlines() or ['?'])[0]}); "
                             f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
-        c = hf.config
-        different = [k for k, ok in {
-            "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
-            "n_inner": c.n_inner in (None, 4 * c.n_embd), "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
-            "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
-            "tie_word_embeddings": c.tie_word_embeddings}.items() if not ok]
-        if different:  # a GPT-2 variant: loading it here would silently compute something else
+        if different := gpt2_differences(hf.config):  # a GPT-2 variant: here it would silently compute another thing
             raise UserError(f"{name_or_path}: a GPT-2 variant this GPT does not compute exactly: "
                             f"{', '.join(different)}")
+        c = hf.config
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         ours = model.state_dict()
@@ -193,7 +185,8 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory):
         """A self-contained Hugging Face directory: config.json, model.safetensors and GPT-2's tokenizer files,
-        so transformers' AutoTokenizer, pipeline(), lm-eval-harness and the hub work from it alone."""
+        so transformers' AutoTokenizer, pipeline(), lm-eval-harness and the hub work from it alone. Written into a
+        temporary directory and renamed into place: an export is complete (tokenizer included) or not there."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
@@ -206,10 +199,13 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k, v in self.state_dict().items():
                 theirs[k].copy_(v.t() if k.endswith(self.HF_TRANSPOSED) else v)
-        hf.save_pretrained(directory)
-        # GPT-2's tokenizer beside the weights (transformers 5 builds an empty one when the files are missing), and
-        # suppress_tokens for the padded ids in generation_config.json, so that transformers never samples them
-        save_hf_tokenizer(directory, vocab_size=c.vocab_size, model_max_length=c.block_size)
+
+        def write(tmp):
+            hf.save_pretrained(tmp)
+            # GPT-2's tokenizer beside the weights (transformers 5 builds an empty one when the files are missing),
+            # and suppress_tokens for the padded ids in generation_config.json, so transformers never samples them
+            save_hf_tokenizer(tmp, vocab_size=c.vocab_size, model_max_length=c.block_size)
+        export_directory(directory, write)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
@@ -392,27 +388,9 @@ RECIPES = {"gpt2": GPT, "modern": ModernGPT}  # --recipe -> model class
 # -----------------------------------------------------------------------------
 # Data: token shards (uint16 .npy, written by fineweb.py) or one text file, read as T+1-token windows.
 
-SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
-HINT = "HINT: make shards with `python fineweb.py` (or pass --data PATH: a shard directory or a .txt file)"
-
-
-def list_shards(source):
-    """The shard files of a directory, checked as a set: one prefix, indices 0..N-1 without gaps, shard 0 val."""
-    found = sorted((int(m["index"]), m["prefix"], m["split"], p) for p in source.iterdir()
-                   if (m := SHARD_NAME.match(p.name)))
-    if not found:
-        raise UserError(f"no shards (*_val_000000.npy, *_train_000001.npy, ...) in {source}. {HINT}")
-    prefixes = sorted({prefix for _, prefix, _, _ in found})
-    if len(prefixes) > 1:
-        raise UserError(f"{source} mixes shards of several runs (prefixes {', '.join(prefixes)}): keep one")
-    indices = [i for i, _, _, _ in found]
-    if indices != list(range(len(found))):
-        missing = sorted(set(range(indices[-1] + 1)) - set(indices))[:5] or "duplicates"
-        raise UserError(f"{source}: shard indices have gaps (missing {missing}): a shard was lost; rerun fineweb.py")
-    return [(split, p) for _, _, split, p in found]
-
-
 def read_text_tokens(path):
+    if not path.is_file():
+        raise UserError(f"--data {path} is {what_is(path)}, not a text file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -420,44 +398,23 @@ def read_text_tokens(path):
     return np.array([EOT] + get_tokenizer().encode_ordinary(text), np.uint16)
 
 
-def load_shard(path):
-    # a memory map: a 100M-token shard costs no memory until its pages are read
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # truncated, pickled objects, not .npy at all
-        raise UserError(f"{path} is not a readable .npy shard ({str(e).splitlines()[0]}). "
-                        f"HINT: regenerate it with `python fineweb.py`") from None
-
-
 def load_token_arrays(source, split, T, vocab_size=None):
-    """The token arrays of one split: memory-mapped shards of a directory, or 90/10 of a text file."""
+    """The token arrays of one split: memory-mapped shards of a directory, or 90/10 of a text file. Each one is
+    checked now (common.check_tokens), so that a bad shard is one line before step 0, not a crash hours later."""
     source = Path(source)
     if source.suffix == ".txt":
-        if not source.is_file():
-            raise UserError(f"text file {source} not found")
         tokens = read_text_tokens(source)
         cut = int(0.9 * len(tokens))  # first 90% train, last 10% val
         arrays, names = [tokens[:cut] if split == "train" else tokens[cut:]], [f"{source} ({split})"]
     else:
-        if not source.is_dir():
-            raise UserError(f"data directory {source} not found. {HINT}")
-        paths = [p for s, p in list_shards(source) if s == split]
-        if not paths:
-            raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy) in {source}. {HINT}")
+        paths = split_paths(source, split)
         arrays, names = [load_shard(p) for p in paths], [str(p) for p in paths]
         # fineweb.py's last shard holds what is left: when shorter than one window it has nothing to give
         if len(arrays) > 1 and len(arrays[-1]) < T + 1:
             print(f"note: skipping {names[-1]}: {len(arrays[-1])} tokens, fewer than one window of T+1 = {T + 1}")
             arrays, names = arrays[:-1], names[:-1]
     for array, name in zip(arrays, names):
-        if array.dtype != np.uint16 or array.ndim != 1:
-            raise UserError(f"{name}: expected a 1-D uint16 token array, found {array.dtype} {array.shape}. "
-                            f"HINT: regenerate it with `python fineweb.py`")
-        if len(array) < T + 1:
-            raise UserError(f"{name}: {len(array)} tokens, fewer than one window of T+1 = {T + 1}")
-        # one pass over the memory map now, rather than an IndexError hours into the run
-        if vocab_size is not None and (top := int(array.max())) >= vocab_size:
-            raise UserError(f"{name}: holds token id {top}, outside the model's vocabulary of {vocab_size}")
+        check_tokens(array, name, T, vocab_size)
     return arrays
 
 
@@ -547,6 +504,15 @@ def get_lr_wsd(step, max_lr, warmup_steps, max_steps, cooldown_frac):
     return max_lr * max(0, max_steps - step) / max(cooldown, 1)  # 1/cooldown at the last step, 0 at max_steps
 
 
+
+def schedule(cfg):
+    """The run's LR multiplier (0 to 1) as a function of (step, horizon): each parameter group's learning rate is
+    its base_lr (the peak) times this. The horizon is fixed for the whole run, resumes included (bookkeeping.py)."""
+    if cfg.recipe == "modern":
+        return lambda step, horizon: get_lr_wsd(step, 1.0, cfg.warmup_steps, horizon, cfg.cooldown_frac)
+    return lambda step, horizon: get_lr(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, horizon)
+
+
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun starts one process per GPU and tells each its place in the environment.
 
@@ -575,6 +541,8 @@ def setup_distributed(device="auto", timeout_s=600):
     """
     import datetime
 
+    if not 0 < timeout_s <= 7 * 86400:  # (checked here, as it is used before the other flags are checked)
+        raise UserError(f"--dist_timeout must be between 1 and 604800 seconds (a week), not {timeout_s}")
     device_type = pick_device(device)
     if "RANK" not in os.environ:  # a plain `python train_gpt2.py`
         return DistInfo(0, 0, 1, device_type, device_type, True)
@@ -609,23 +577,6 @@ def all_reduce_mean(value, world):
     return t.item() / world.world_size
 
 
-def on_master(world, fn, *args):
-    """Run fn on rank 0 alone while the others wait; every rank learns whether it failed, so that a download
-    error stops all of them at once rather than leaving the others in a barrier until the timeout."""
-    error = None
-    if world.is_master:
-        try:
-            fn(*args)
-        except UserError as e:
-            error = e
-    if world.world_size > 1:
-        failed = torch.tensor(int(error is not None), device=world.device)
-        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-        if failed.item() and error is None:
-            raise UserError("rank 0 failed (see its message)")
-    if error is not None:
-        raise error
-
 
 # -----------------------------------------------------------------------------
 # Evaluations: validation loss, HellaSwag (scored by hellaswag.py) and text samples. Each takes a `stop`
@@ -652,7 +603,7 @@ def evaluate_val(model, loader, steps, world, dtype, stop=lambda: False):
 def load_hellaswag(cfg, world, raw_model):
     """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
     if cfg.hellaswag_data is None:
-        on_master(world, hellaswag.download, "val")
+        bookkeeping.on_master(world, hellaswag.download, "val")
     examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
     try:
         hellaswag.check_fits(raw_model, examples)  # within the model's block_size and vocabulary
@@ -688,14 +639,15 @@ def sample_text(raw_model, prompt, num_samples, max_new_tokens, seed, device):
     return [enc.decode(row.tolist()) for row in out]
 
 
+def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype):
+    with autocast(world.device_type, dtype):
+        for text in sample_text(raw_model, prompt, 4, max_new_tokens, seed, world.device):
+            print(f"> {text}")
+
+
 # -----------------------------------------------------------------------------
 # Hyperparameters: one table. Each field is a command-line flag (--name) with its help text; a preset is a
 # dict of overrides, and flags given on the command line win over the preset.
-
-GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
-}
-
 
 def knob(default, help_text, **argparse_kwargs):
     return field(default=default, metadata=dict(help=help_text, **argparse_kwargs))
@@ -707,9 +659,9 @@ class TrainConfig:
     preset: str = knob("gpt2-124M", "group of defaults", choices=("gpt2-124M", "moliere"))
     data: str = knob("edu_fineweb10B", "shard directory (python fineweb.py) or a .txt file; relative paths are "
                      "looked up in the current directory, then beside train_gpt2.py")
-    log_dir: str = knob("log", "log.txt and checkpoints go here")
-    resume: str = knob(None, "continue from this checkpoint, or without PATH the newest in --log_dir",
-                       nargs="?", const="latest", metavar="PATH")
+    log_dir: str = knob("log", "log.txt and checkpoints go here (with --resume PATH: PATH's directory)")
+    resume: str = knob(None, "continue from this checkpoint, or without PATH the newest in --log_dir; the flags you "
+                       "do not give are the checkpoint's", nargs="?", const="latest", metavar="PATH")
     init_from: str = knob("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
                           "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)")
     recipe: str = knob("gpt2", "gpt2: GPT-2 exactly (AdamW, cosine schedule); modern: the section 'What changed since "
@@ -722,21 +674,25 @@ class TrainConfig:
     n_embd: int = knob(0, "embedding size; 0: the --model shape's")
     block_size: int = knob(0, "longest context; 0: 1024")
     vocab_size: int = knob(0, "vocabulary; 0: 50304, GPT-2's 50257 padded to a multiple of 64")
-    # the batch: total_batch_size = micro_batch_size * seq_len * world_size * gradient accumulation steps
-    total_batch_size: int = knob(524288, "tokens per optimizer step (2**19, about GPT-3 Small's 0.5M)")
-    micro_batch_size: int = knob(64, "sequences per forward pass on each GPU", flags=("-B",))
+    # the batch: total_batch_size = micro_batch_size * seq_len * world_size * gradient accumulation steps. The
+    # recipe's 2**19 tokens per step is about GPT-3 Small's 0.5M (GPT-3 paper, table 2.1).
+    total_batch_size: int = knob(524288, "tokens per optimizer step")
+    micro_batch_size: int = knob(64, "sequences per forward pass on each GPU; not given, a GPU takes the largest "
+                                 "of this, half of it, ... that fits in its memory", flags=("-B",))
     seq_len: int = knob(1024, "tokens per sequence", flags=("-T",))
-    # optimization (GPT-3 paper, table 2.1 and appendix B)
+    # optimization (GPT-3 paper, table 2.1 and appendix B): 375M tokens of warmup and 10B tokens in all, at 2**19
+    # tokens per step, are the recipe's 715 and 19073 steps
     max_lr: float = knob(6e-4, "peak learning rate (gpt2 recipe)")
     min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)")
     # the modern recipe: a peak learning rate per optimizer group. Muon's and modded-nanogpt's published values,
-    # and the best of a sweep (each one 2x and 0.5x, 4x and 0.25x) on Moliere and on a second corpus: README
+    # and the best of a sweep (each one 2x and 0.5x, 4x and 0.25x) on Moliere and on a second corpus:
+    # results/README.md
     muon_lr: float = knob(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)")
     embed_lr: float = knob(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)")
     head_lr: float = knob(0.008, "AdamW's peak learning rate for the head (modern recipe)")
     cooldown_frac: float = knob(0.3, "the LR decays linearly to 0 over this last fraction of the steps (modern recipe)")
-    warmup_steps: int = knob(715, "linear warmup (375M tokens / 2**19 tokens per step)")
-    max_steps: int = knob(19073, "optimizer steps (10B tokens / 2**19 tokens per step)")
+    warmup_steps: int = knob(715, "steps of linear warmup")
+    max_steps: int = knob(19073, "optimizer steps")
     lr_horizon: int = knob(0, "step at which the cosine reaches min_lr; 0: --max_steps of the run's first "
                            "start. Kept on --resume, so a larger --max_steps continues at min_lr")
     weight_decay: float = knob(0.1, "weight decay on the matrices (AdamW; Muon's in the modern recipe)")
@@ -773,16 +729,10 @@ PRESETS = {
                     sample_every=100, prompt="sganarelle: \n", checkpoint_every=100),
 }
 
-# flags that change what the run computes: a resumed run must keep them (max_steps, -B, the data's path and
-# the dtype may change and are said; the loader checks that the data's shards are the same)
-MATH_FLAGS = ("recipe", "muon_lr", "embed_lr", "head_lr", "cooldown_frac", "init_from", "model", "n_layer", "n_head",
-              "n_embd", "block_size", "vocab_size",
-              "total_batch_size", "seq_len", "max_lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-              "grad_clip", "seed")
-
 
 def parse_args(argv=None):
-    """TrainConfig from the command line; --help shows the defaults of the chosen --preset."""
+    """(TrainConfig, the names of the flags given on the command line); --help shows the chosen preset's defaults.
+    Which flags were given matters: on --resume the others are the checkpoint's, and -B not given may shrink."""
     preset_parser = argparse.ArgumentParser(prog="train_gpt2.py", add_help=False)
     preset_parser.add_argument("--preset", choices=tuple(PRESETS), default=TrainConfig.preset)
     preset = PRESETS[preset_parser.parse_known_args(argv)[0].preset]
@@ -793,15 +743,11 @@ def parse_args(argv=None):
         default = preset.get(f.name, f.default)
         kind = {} if "nargs" in meta else {"type": f.type}
         meta["help"] += "" if default is None else f" (default: {default})"
-        parser.add_argument(f"--{f.name}", *flags, dest=f.name, default=default, **kind, **meta)
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
-def resolve_path(path):
-    """A relative path from the current directory if it exists there, else beside this file (where fineweb.py
-    writes edu_fineweb10B/ and the quick start keeps input/moliere.txt)."""
-    path = Path(path)
-    return path if path.is_absolute() or path.exists() else HERE / path
+        parser.add_argument(f"--{f.name}", *flags, dest=f.name, default=None, **kind, **meta)  # None: not given
+    args = vars(parser.parse_args(argv))
+    given = {name for name, value in args.items() if value is not None}
+    return TrainConfig(**{f.name: args[f.name] if f.name in given else preset.get(f.name, f.default)
+                          for f in dataclasses.fields(TrainConfig)}), given
 
 
 def model_config(cfg):
@@ -811,111 +757,10 @@ def model_config(cfg):
                      n_layer=cfg.n_layer or n_layer, n_head=cfg.n_head or n_head, n_embd=cfg.n_embd or n_embd)
 
 
-def validate(cfg, world, model_cfg, start_step=0):
-    """Every problem with the flags at once, before any work starts. model_cfg: the GPTConfig the run trains."""
-    problems = []
-    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
-    if min(B, T, cfg.total_batch_size, cfg.max_steps) <= 0:
-        problems.append("-B, -T, --total_batch_size and --max_steps must be positive")
-    elif cfg.total_batch_size % (B * T * W) and cfg.sample is None:  # sampling needs no batch
-        tokens = cfg.total_batch_size // (T * W)  # sequences per step on each rank, if T*W divides the total
-        valid = [b for b in range(1, tokens + 1) if tokens % b == 0] if cfg.total_batch_size % (T * W) == 0 else []
-        problems.append(f"--total_batch_size {cfg.total_batch_size} is not divisible by B*T*world_size = "
-                        f"{B}*{T}*{W} = {B * T * W}; " + (f"valid -B values: {valid}" if valid else
-                        f"use a --total_batch_size that is a multiple of {B * T * W}"))
-    shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    if any(getattr(cfg, k) < 0 for k in shape):
-        problems.append("--n_layer, --n_head, --n_embd, --block_size and --vocab_size cannot be negative")
-    elif cfg.init_from != "scratch" and any(getattr(cfg, k) for k in shape):
-        problems.append(f"--init_from {cfg.init_from} fixes the model's shape: drop --n_layer/--n_head/--n_embd/"
-                        f"--block_size/--vocab_size")
-    elif model_cfg is not None:
-        if T > model_cfg.block_size and cfg.sample is None:
-            problems.append(f"-T {T} is longer than the model's block_size {model_cfg.block_size}")
-        if model_cfg.n_embd % model_cfg.n_head:
-            problems.append(f"--n_embd {model_cfg.n_embd} is not a multiple of --n_head {model_cfg.n_head}")
-    if not (math.isfinite(cfg.max_lr) and cfg.max_lr > 0):
-        problems.append(f"--max_lr must be a positive number, not {cfg.max_lr}")
-    if not all(math.isfinite(lr) and lr > 0 for lr in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
-        problems.append("--muon_lr, --embed_lr and --head_lr must be positive numbers")
-    if cfg.recipe == "modern" and not (0 <= cfg.cooldown_frac <= 1 and cfg.warmup_steps <= (cfg.lr_horizon or
-                                       cfg.max_steps) * (1 - cfg.cooldown_frac)):
-        problems.append(f"--cooldown_frac {cfg.cooldown_frac} must be between 0 and 1, and the decay must start "
-                        f"after --warmup_steps {cfg.warmup_steps}")
-    if cfg.recipe == "modern" and cfg.init_from != "scratch" and not cfg.init_from.endswith(".pt"):
-        problems.append(f"--recipe modern cannot start from {cfg.init_from}: GPT-2's weights do not fit its "
-                        f"architecture (start from scratch or from a modern .pt checkpoint)")
-    if not 0 <= cfg.min_lr_ratio <= 1:  # (nan fails too) a negative floor would train by gradient ascent
-        problems.append(f"--min_lr_ratio must be between 0 and 1, not {cfg.min_lr_ratio}")
-    if not (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and math.isfinite(cfg.weight_decay + cfg.grad_clip)):
-        problems.append("--weight_decay and --grad_clip must be finite and not negative")
-    if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,
-           cfg.warmup_steps, cfg.val_tokens, cfg.lr_horizon) < 0 or cfg.dist_timeout <= 0:
-        problems.append("the --*_every, --keep_checkpoints, --warmup_steps, --val_tokens and --lr_horizon flags "
-                        "cannot be negative, and --dist_timeout must be positive")
-    horizon = cfg.lr_horizon or cfg.max_steps
-    if 0 < cfg.max_steps <= cfg.warmup_steps or 0 < horizon <= cfg.warmup_steps:
-        problems.append(f"--warmup_steps {cfg.warmup_steps} must be fewer than --max_steps {cfg.max_steps} (and "
-                        f"--lr_horizon): the LR would never reach --max_lr. Pass a smaller --warmup_steps")
-    if cfg.max_steps < start_step:
-        problems.append(f"--max_steps {cfg.max_steps} is below the checkpoint's step {start_step}: nothing to do")
-    if world.device_type == "mps" and cfg.dtype == "bfloat16":
-        problems.append("--dtype bfloat16 is not supported on MPS: use float32")
-    if cfg.wandb:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            problems.append("--wandb needs the wandb package: pip install wandb")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
-def resolve_schedule(cfg, saved_args, start_step):
-    """Fix the LR schedule's horizon for the whole run, so that resuming never makes the learning rate jump.
-
-    A fresh run's horizon is --lr_horizon or its --max_steps. A resumed run keeps the horizon it started with: a
-    larger --max_steps then continues at min_lr. An explicit new --lr_horizon is taken only if it leaves the
-    learning rate of every step so far unchanged (during warmup, say)."""
-    lr = schedule(cfg)
-    if saved_args is None:
-        cfg.lr_horizon = cfg.lr_horizon or cfg.max_steps
-    else:
-        saved = saved_args.get("lr_horizon") or saved_args["max_steps"]
-        new = cfg.lr_horizon or saved
-        if new != saved and any(lr(s, saved) != lr(s, new) for s in range(start_step + 1)):
-            raise UserError(f"--lr_horizon {new} would change the learning rate of the steps already taken (this "
-                            f"run's schedule ends at step {saved}): drop --lr_horizon to keep it; a larger "
-                            f"--max_steps then continues at " + ("min_lr" if cfg.recipe == "gpt2" else
-                            "0, which the modern recipe refuses: resume from a checkpoint before the decay"))
-        cfg.lr_horizon = new
-    horizon = cfg.lr_horizon
-    if cfg.recipe == "modern":  # WSD ends at LR 0: steps past the horizon would not learn
-        decay = horizon - int(cfg.cooldown_frac * horizon)
-        if cfg.max_steps > horizon:
-            raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {horizon}, where the "
-                            f"learning rate is 0: resume from a checkpoint before the decay (step <= {decay}) "
-                            f"with --lr_horizon {cfg.max_steps} --max_steps {cfg.max_steps}")
-        return None if saved_args is None else (
-            f"LR schedule: warmup {cfg.warmup_steps} steps, constant until step {decay}, linear decay to 0 at step "
-            f"{horizon}; step {start_step} runs at {lr(start_step, horizon):.4f} x the peak learning rates")
-    if saved_args is None:
-        return None
-    min_lr = cfg.max_lr * cfg.min_lr_ratio
-    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > horizon else ""
-    return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
-            f"{horizon}{after}; step {start_step} runs at {cfg.max_lr * lr(start_step, horizon):.4e}")
-
-
-def schedule(cfg):
-    """The run's LR multiplier (0 to 1) as a function of (step, horizon): each parameter group's learning rate is
-    its base_lr (the peak) times this."""
-    if cfg.recipe == "modern":
-        return lambda step, horizon: get_lr_wsd(step, 1.0, cfg.warmup_steps, horizon, cfg.cooldown_frac)
-    return lambda step, horizon: get_lr(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, horizon)
-
-
-# -----------------------------------------------------------------------------
-# The training step and loop.
+# =============================================================================
+# Training: one optimizer step, the loop that repeats it between evaluations, and train(), which builds what the
+# loop needs and runs it. Everything above is what they use.
+# =============================================================================
 
 def flops_per_token(model, T):
     """Training FLOPs per token (PaLM, appendix B): 6 per parameter that multiplies, plus attention's 12*L*C*T."""
@@ -960,260 +805,122 @@ def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, wor
     return loss_mean, norm.item(), optimizers[0].param_groups[0]["lr"]  # the matrices' learning rate
 
 
-class RunLog:
-    """log.txt (rank 0): what made the run, then one build-nanogpt-compatible line per record; also sent to
-    Weights & Biases with --wandb. A full disk or an unwritable --log_dir is one clear error."""
-
-    def __init__(self, log_dir, cfg, world, dtype, resumed_from):
-        self.path, self.enabled, self.wandb = log_dir / "log.txt", world.is_master, None
-        if not self.enabled:
-            return
-        device = torch.cuda.get_device_name(world.device) if world.device_type == "cuda" else world.device_type
-        about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
-                 f"{device} x {world.world_size} | {dtype}")
-        if resumed_from:
-            self.write(f"# resume {resumed_from} | {about}")
-        else:
-            if self.path.exists():  # a fresh run never destroys an earlier log
-                os.replace(self.path, self.path.with_suffix(".prev.txt"))
-                print(f"moved the earlier {self.path} to {self.path.with_suffix('.prev.txt')}")
-            self.write(f"# run {about}\n# config {json.dumps(dataclasses.asdict(cfg))}")
-        if cfg.wandb:
-            self.wandb = start_wandb(cfg, log_dir, resumed_from is not None)
-
-    def write(self, text):
-        if self.enabled:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(text + "\n")
-            except OSError as e:
-                raise UserError(f"could not write {self.path} ({e.strerror}): free some space or fix the "
-                                f"directory's permissions, then continue with --resume") from None
-
-    def record(self, step, kind, value, **extra):
-        """One `{step} {kind} {value}` line (train 6 decimals, val/hella 4), plus extra figures for W&B."""
-        self.write(f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}")
-        if self.wandb is not None:
-            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
-            self.wandb.log({names[kind]: value, **extra}, step=step)
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def start_wandb(cfg, log_dir, resumed):
-    """A W&B run named after log_dir with the whole config; a resumed run continues the same W&B run."""
-    import uuid
-
-    import wandb
-
-    id_file = log_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:8]
-    atomic_write(id_file, lambda f: f.write(run_id.encode()))
-    return wandb.init(project=cfg.wandb, name=log_dir.name, id=run_id, resume="allow", dir=str(log_dir),
-                      config=dataclasses.asdict(cfg))
-
 
 def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
 
 
-def create_model(cfg, checkpoint, init_checkpoint):
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if checkpoint is not None or init_checkpoint is not None:
-        source = checkpoint if checkpoint is not None else init_checkpoint
-        model = RECIPES[cfg.recipe](GPTConfig(**source["config"]))
-        model.load_state_dict(source["model"])
-    elif cfg.init_from == "scratch":
-        model = RECIPES[cfg.recipe](model_config(cfg))
-    else:
-        model = GPT.from_pretrained(cfg.init_from)
-    return model
-
-
-def planned_model_config(cfg, checkpoint, init_checkpoint):
-    """The shape the run will train, known before any weights are built (for validate)."""
-    if checkpoint is not None or init_checkpoint is not None:
-        return GPTConfig(**(checkpoint or init_checkpoint)["config"])
-    if cfg.init_from == "scratch":
-        return model_config(cfg) if min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) >= 0 else None
-    config_file = Path(cfg.init_from) / "config.json"
-    if config_file.is_file():  # a local HF directory
-        c = json.loads(config_file.read_text())
-        return GPTConfig(c.get("n_positions", 1024), c.get("vocab_size", GPT2_VOCAB), c.get("n_layer", 12),
-                         c.get("n_head", 12), c.get("n_embd", 768))
-    return GPTConfig(1024, GPT2_VOCAB, *GPT2_SHAPES.get(cfg.init_from, GPT2_SHAPES["gpt2"]))
-
-
-def sample_only(cfg, world, dtype, checkpoint, init_checkpoint):
-    """--sample: print continuations of a prompt from the initialised or resumed model; needs no data."""
-    raw_model = create_model(cfg, checkpoint, init_checkpoint).to(world.device)
-    with autocast(world.device_type, dtype):
-        for text in sample_text(raw_model, cfg.sample, 4, 64, cfg.seed, world.device) if world.is_master else []:
-            print(f"> {text}")
-
-
-def compile_failed(e):
-    """torch.compile needs a C compiler and Triton at run time; slim CUDA images lack them."""
-    return UserError(f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): "
-                     f"rerun with --compile false, or install a C compiler (e.g. apt install build-essential)")
-
-
-def train(cfg, world):
-    log_dir, say = Path(cfg.log_dir), print if world.is_master else (lambda *args: None)
-    # a checkpoint to resume (or to fine-tune from) is read first: its shape and step take part in validation
-    checkpoint_path, checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume) if cfg.resume else (None, None)
-    init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from.endswith(".pt") and not cfg.resume else None
-    start_step = checkpoint["step"] if checkpoint is not None else 0
-    if init_checkpoint is not None and (recipe := init_checkpoint.get("args", {}).get("recipe", "gpt2")) != cfg.recipe:
-        raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
-    planned = planned_model_config(cfg, checkpoint, init_checkpoint)
-    validate(cfg, world, planned, start_step)
-    dtype = resolve_dtype(cfg.dtype, world.device_type)
-    if checkpoint is not None and (note := check_resume_flags(checkpoint["args"], cfg, MATH_FLAGS)):
-        say(note)
-    elif checkpoint is None and cfg.sample is None and list_checkpoints(log_dir):
-        raise UserError(f"{log_dir} holds checkpoints of an earlier run: continue it with --resume, "
-                        f"or start a new run with another --log_dir")
-    schedule_note = resolve_schedule(cfg, checkpoint["args"] if checkpoint is not None else None, start_step)
-    if cfg.sample is not None:
-        return sample_only(cfg, world, dtype, checkpoint, init_checkpoint)
-    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
-
-    # data: every rank reads its own share of one global order of windows
-    B, T = cfg.micro_batch_size, cfg.seq_len
-    grad_accum_steps = cfg.total_batch_size // (B * T * world.world_size)
-    data = resolve_path(cfg.data)
-    if data.name == "moliere.txt" and not data.exists():  # the quick start's corpus, fetched on first use
-        on_master(world, download_moliere, data)
-    vocab_size = planned.vocab_size
-    train_loader = ShardedLoader(data, B, T, "train", world.rank, world.world_size, cfg.seed, vocab_size)
-    val_loader = ShardedLoader(data, B, T, "val", world.rank, world.world_size, vocab_size=vocab_size)
-    val_steps = max(1, cfg.val_tokens // (B * T * world.world_size))  # the same val tokens for any world size
-
-    # model and optimizer, fresh or as the checkpoint left them
-    raw_model = create_model(cfg, checkpoint, init_checkpoint).to(world.device)
+def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader):
+    """build-nanogpt's loop: at the start of a step the evaluations that are due, then one optimizer update. A stop
+    request (SIGTERM when a machine is reclaimed, Ctrl-C) saves a checkpoint at the next safe point: after the
+    update, or at once during an evaluation, which it cuts short."""
+    B, T, W, dtype = train_loader.B, cfg.seq_len, world.world_size, run.dtype
+    grad_accum_steps = cfg.total_batch_size // (B * T * W)
+    val_steps = max(1, cfg.val_tokens // (B * T * W))  # the same val tokens for any world size
     hella_examples = load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
+    flops, peak = flops_per_token(raw_model, T), peak_flops(world)
+    for step in range(run.start_step, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps  # evaluations and a checkpoint once more after the last update
+        if due(cfg.eval_every, step, last_step):
+            loss = evaluate_val(model, val_loader, val_steps, world, dtype, run.stopping)
+            if run.stop_requested():  # on any rank: every rank saves the state as it is, before this step's update
+                return run.stopped(step, raw_model, optimizers, train_loader)
+            run.val_loss = all_reduce_mean(loss, world)  # (also goes into the checkpoints)
+            run.record(step, "val", run.val_loss)
+        if due(cfg.hellaswag_every, step, last_step):
+            n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, world, max(1, B // 4), dtype, run.stopping)
+            if run.stop_requested():
+                return run.stopped(step, raw_model, optimizers, train_loader)
+            run.record(step, "hella", acc_norm, examples=n)
+        if due(cfg.sample_every, step, last_step) and world.is_master and not run.stopping():
+            print_samples(raw_model, cfg.prompt, 32, cfg.seed, world, dtype)
+        if cfg.checkpoint_every > 0 and step > run.start_step and (step % cfg.checkpoint_every == 0 or last_step):
+            run.save(step, raw_model, optimizers, train_loader)
+        if last_step:
+            return run.finished()
+
+        t0 = time.time()  # the update alone: evaluations are not part of the throughput
+        loss, norm, lr = train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, world, dtype)
+        dt = time.time() - t0
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = 100 * flops * tokens_per_sec / (peak * W) if peak else None  # model FLOPs utilisation of the GPUs
+        run.report_step(step, loss, lr, norm, dt, tokens_per_sec, mfu)  # stdout, with the time left, and log.txt
+        if run.stop_requested():
+            return run.stopped(step + 1, raw_model, optimizers, train_loader)
+
+
+def create_model(cfg, weights):
+    """A checkpoint's model (resumed, or a .pt to fine-tune), OpenAI's GPT-2 from the hub, or a fresh one."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if weights is not None:
+        model = RECIPES[cfg.recipe](GPTConfig(**weights["config"]))
+        model.load_state_dict(weights["model"])
+        return model
+    if cfg.init_from == "scratch":
+        return RECIPES[cfg.recipe](model_config(cfg))
+    return GPT.from_pretrained(cfg.init_from)
+
+
+def train(cfg, world, given=()):
+    """A run, set-up then loop. given: the flags given on the command line (on --resume the others are taken from
+    the checkpoint)."""
+    # before any work the checkpoint to resume or fine-tune from is read and every flag checked (bookkeeping.py)
+    run = bookkeeping.Run(cfg, given, world, model_config(cfg), schedule(cfg))
+    run.dtype = dtype = resolve_dtype(cfg.dtype, world.device_type)
+    raw_model = create_model(cfg, run.weights).to(world.device)
+    if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
+        return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
     lrs = {"learning_rate": cfg.max_lr} if cfg.recipe == "gpt2" else \
         {"learning_rate": cfg.muon_lr, "embed_lr": cfg.embed_lr, "head_lr": cfg.head_lr}
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, device_type=world.device_type, **lrs)
-    val_loss = None
-    if checkpoint is not None:
-        saved = checkpoint["optimizer"]
-        for optimizer, state in zip(optimizers, [saved] if isinstance(saved, dict) else saved):  # dict: older files
-            optimizer.load_state_dict(state)
-            for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
-                if "fused" in group:
-                    group["fused"] = world.device_type == "cuda"
-        train_loader.load_state_dict(checkpoint["loaders"][0])  # a global position: the same for every rank
-        rng = checkpoint["rng"]
-        set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)
-        val_loss = checkpoint["val_loss"]
-        say(f"resumed from {checkpoint_path} at step {start_step}\n{schedule_note}")
-    del checkpoint, init_checkpoint  # a 124M checkpoint is 1.5 GB: not kept for the whole run
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and world.device_type == "cuda")
     model = torch.compile(raw_model) if use_compile else raw_model
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
             gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    say(f"{n_params:,} parameters | {world.device} x {world.world_size} | {dtype} | compile {use_compile} | "
-        f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world.world_size} ranks x {grad_accum_steps} "
-        f"accumulation steps | {train_loader.epoch_windows * T:,} train tokens per epoch")
-    lock = lock_directory(log_dir, "train_gpt2.py") if world.is_master else None  # one run per --log_dir
-    try:
-        log = RunLog(log_dir, cfg, world, dtype, checkpoint_path)
-        with StopSignals() as stop:
-            loop(cfg, world, dtype, model, raw_model, optimizers, train_loader, val_loader, val_steps,
-                 hella_examples, grad_accum_steps, start_step, val_loss, log, stop)
-        log.close()
-    finally:
-        if lock is not None:
-            os.close(lock)
 
-
-def loop(cfg, world, dtype, model, raw_model, optimizers, train_loader, val_loader, val_steps, hella_examples,
-         grad_accum_steps, start_step, val_loss, log, stop):
-    say, log_dir, B, T = print if world.is_master else (lambda *args: None), Path(cfg.log_dir), \
-        cfg.micro_batch_size, cfg.seq_len
-    flops, peak = flops_per_token(raw_model, T), peak_flops(world)
-    def stopping():  # a stop request cuts evaluations short
-        return stop.received is not None
-
-    def save(step):
-        return save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss, cfg, world)
-
-    for step in range(start_step, cfg.max_steps + 1):
-        last_step = step == cfg.max_steps  # evals and a checkpoint once more after the last update
-        # A stop request cuts an evaluation short on the rank that got it; all ranks then agree (any_rank) to save
-        # the state as it is, before this step's update, and skip the rest.
-        if due(cfg.eval_every, step, last_step):
-            loss = evaluate_val(model, val_loader, val_steps, world, dtype, stopping)
-            if stop.any_rank(world):
-                return stopped(stop, save(step), step, say)
-            val_loss = all_reduce_mean(loss, world)
-            say(f"step {step:5d} | val loss {val_loss:.4f}")
-            log.record(step, "val", val_loss)
-        if due(cfg.hellaswag_every, step, last_step):
-            n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, world, max(1, B // 4), dtype, stopping)
-            if stop.any_rank(world):
-                return stopped(stop, save(step), step, say)
-            say(f"step {step:5d} | HellaSwag {acc_norm:.4f} ({n} examples)")
-            log.record(step, "hella", acc_norm)
-        if due(cfg.sample_every, step, last_step) and world.is_master and not stopping():
-            with autocast(world.device_type, dtype):
-                for text in sample_text(raw_model, cfg.prompt, 4, 32, cfg.seed, world.device):
-                    print(f"> {text}")
-        if cfg.checkpoint_every > 0 and step > start_step and (step % cfg.checkpoint_every == 0 or last_step):
-            path = save(step)
-            if last_step:
-                say(f"saved {path}. Next: curves with `python plot.py {log_dir / 'log.txt'}`; samples with this "
-                    f"command plus `--resume --sample PROMPT`; HellaSwag with `python hellaswag.py -m {path}`")
-        if last_step:
-            break
-
-        t0 = time.time()  # the update alone: evals above are not part of the throughput
-        model.train()
+    # data: every rank reads its own share of one global order of windows, B sequences of T tokens at a time
+    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
+    if "micro_batch_size" not in given and bookkeeping.out_of_memory_is_an_error(world):
+        B = bookkeeping.fit_micro_batch(model, B, T, world, dtype)  # B, B/2, ...: the largest that fits every GPU
+    data, vocab_size = run.fetch_data(), raw_model.config.vocab_size
+    train_loader = ShardedLoader(data, B, T, "train", world.rank, W, cfg.seed, vocab_size)
+    val_loader = ShardedLoader(data, B, T, "val", world.rank, W, vocab_size=vocab_size)
+    run.restore(optimizers, train_loader)  # a resumed run: optimizer moments, data position, random generators
+    tokens = (cfg.max_steps - run.start_step) * cfg.total_batch_size
+    run.say(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world.device} x {W} | {dtype} | "
+            f"compile {use_compile}\nsteps {run.start_step} to {cfg.max_steps}: {tokens:,} tokens, "
+            f"{tokens / (train_loader.epoch_windows * T):.2f} epochs of {train_loader.epoch_windows * T:,} | "
+            f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {W} ranks x "
+            f"{cfg.total_batch_size // (B * T * W)} accumulation steps")
+    with run:  # the --log_dir lock, log.txt (and W&B), stop signals
         try:
-            loss, norm, lr = train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, world, dtype)
-        except Exception as e:
-            if step == start_step and type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
-                raise compile_failed(e) from None
-            raise
-        dt = time.time() - t0
-        tokens_per_sec = cfg.total_batch_size / dt
-        mfu = 100 * flops * tokens_per_sec / (peak * world.world_size) if peak else None
-        say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.1f}ms | "
-            f"tok/sec {tokens_per_sec:,.0f}" + (f" | MFU {mfu:.1f}%" if mfu else ""))
-        log.record(step, "train", loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec,
-                   tokens=(step + 1) * cfg.total_batch_size, **({"mfu": mfu} if mfu else {}))
-        if stop.any_rank(world):
-            return stopped(stop, save(step + 1), step + 1, say)
+            loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader)
+        except Exception as e:  # noqa: BLE001 -- out of memory, torch.compile without a C compiler: one line
+            raise run.explained(e, B) from None
 
 
-def stopped(stop, path, step, say):
-    say(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: saved {path}. "
-        f"Continue with the same command plus --resume")
+# =============================================================================
+# end of training
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, given = parse_args(argv)
     world = None
     try:
         world = setup_distributed(cfg.device, cfg.dist_timeout)
-        train(cfg, world)
+        train(cfg, world, given)
         if world.world_size > 1:
             torch.distributed.barrier()  # leave together: gloo can abort a rank whose peer has already gone
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a path the system refuses (a name too long, ...), also one line
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per rank
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         if world is not None and world.world_size > 1:
             torch.distributed.destroy_process_group()
-
 
 # -----------------------------------------------------------------------------
 # Appendix: measuring speed, and a faster loss for CPUs.

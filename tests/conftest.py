@@ -1,5 +1,6 @@
-"""Shared test set-up: offline tokenizer files, the project root on sys.path, the `slow` marker."""
+"""Shared test set-up: offline tokenizer files, the project root on sys.path, the `slow` marker, tiny runs."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,24 @@ def write_shards(directory, sizes, seed=0, prefix="edufineweb"):
     return directory
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_back():
+    """A run stopped by a signal ignores later signals until its process ends (checkpoints.StopSignals); in-process
+    tests get this process's handlers back after each test."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 @pytest.fixture
 def shards(tmp_path):
     return write_shards(tmp_path / "shards", [4000, 6000, 5000])
 
 
 def read_log(path):
-    """{(step, kind): value} of a log.txt, the later line winning as DESIGN.md says readers do."""
+    """{(step, kind): value} of a log.txt, the later line winning (a resumed run may log a step twice, and the
+    README says readers keep the later line)."""
     records = {}
     for line in open(path):
         if not line.startswith("#"):

@@ -9,10 +9,10 @@ import torch
 
 import common
 import train_gpt2
-from conftest import TINY, read_log, torchrun_cpu
+from conftest import ROOT, TINY, read_log, torchrun_cpu
 from train_gpt2 import GPT, ShardedLoader
 
-ROOT = train_gpt2.HERE
+
 
 
 def run(shards, log_dir, *extra):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt2
+from conftest import ROOT
 from train_gpt2 import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -189,4 +190,4 @@ def test_import_has_no_side_effects():
             "assert 'transformers' not in sys.modules and 'tiktoken' not in sys.modules\n"
             "assert not torch.cuda.is_initialized()\n"
             "assert train_gpt2.get_tokenizer.cache_info().currsize == 0\n")
-    subprocess.run([sys.executable, "-c", code], cwd=train_gpt2.HERE, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

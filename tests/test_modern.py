@@ -160,7 +160,8 @@ def test_recipe_changed_on_resume_is_refused(shards, tmp_path, capsys):
     run(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "4")
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path), "--max_steps", "4", "--resume"])
+        train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path), "--max_steps", "4", "--resume",
+                                "--recipe", "gpt2"])
     err = capsys.readouterr().err
     assert "--recipe modern -> gpt2" in err and "Traceback" not in err
 

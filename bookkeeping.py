@@ -1,0 +1,482 @@
+"""
+A training run's bookkeeping, for train_gpt2.py: the operations its loop calls but a reader of the lesson need not
+see inline.
+
+- Before any work: the checkpoint to resume (or to fine-tune from) is read, the flags the user did not give are
+  taken from it, and every flag is checked, so that a mistake costs seconds, not a GPU-hour.
+- The learning-rate horizon on resume: a longer run never makes the learning rate jump back up.
+- log.txt and Weights & Biases, the lock that keeps two runs out of one --log_dir, stop signals, the progress line.
+- A micro-batch that fits the GPU, and one line instead of a traceback when memory or the compiler fails.
+
+Everything here takes the config, the DistInfo (`world`) and the model as arguments: this module never imports
+train_gpt2.py, so imports run one way.
+"""
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoints import (StopSignals, check_resume_flags, find_resume_checkpoint, git_commit, list_checkpoints,
+                         load_checkpoint, restore_checkpoint, save_checkpoint)
+from common import GPT2_SHAPES, UserError, atomic_write, autocast, download_moliere, lock_directory, what_is
+
+HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
+
+# flags that change what the run computes: a resumed run takes them from its checkpoint, and refuses them changed
+# (max_steps, -B, the data's path and the dtype may change and are said; the loader checks the data is the same)
+MATH_FLAGS = ("recipe", "muon_lr", "embed_lr", "head_lr", "cooldown_frac", "init_from", "model", "n_layer", "n_head",
+              "n_embd", "block_size", "vocab_size", "total_batch_size", "seq_len", "max_lr", "min_lr_ratio",
+              "warmup_steps", "weight_decay", "grad_clip", "seed")
+
+
+def resolve_path(path):
+    """A relative path from the current directory if it exists there, else beside train_gpt2.py (where fineweb.py
+    writes edu_fineweb10B/ and the quick start keeps input/moliere.txt)."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else HERE / path
+
+
+class Run:
+    """One run of train_gpt2.py. Created before any work: it reads the checkpoint to resume or fine-tune from and
+    checks every flag (nothing is written yet, so --sample can use it too). As a context manager it holds the
+    --log_dir lock, log.txt (and W&B) and the stop signals for the training loop."""
+
+    def __init__(self, cfg, given, world, scratch_config, schedule):
+        self.cfg, self.world, self.dtype = cfg, world, None
+        self.checkpoint_path, self.checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume) if cfg.resume \
+            else (None, None)
+        self.init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from.endswith(".pt") and not cfg.resume \
+            else None
+        self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
+        self.val_loss = self.checkpoint["val_loss"] if self.checkpoint is not None else None
+        take_flags_from_checkpoints(cfg, given, self.checkpoint_path, self.checkpoint, self.init_checkpoint)
+        self.log_dir = Path(cfg.log_dir)
+        weights = self.weights
+        validate(cfg, world, weights["config"] if weights else planned_shape(cfg, scratch_config), self.start_step)
+        if self.checkpoint is not None:
+            self.notes = [check_resume_flags(self.checkpoint["args"], cfg, MATH_FLAGS)]
+        else:
+            self.notes = []
+            if cfg.sample is None and list_checkpoints(self.log_dir):
+                raise UserError(f"{self.log_dir} holds checkpoints of an earlier run: continue it with --resume, "
+                                f"or start a new run with another --log_dir")
+        self.notes.append(resolve_schedule(cfg, self.checkpoint and self.checkpoint["args"], self.start_step,
+                                           schedule))
+        self.data = resolve_path(cfg.data)
+        self.step, self.pace, self.last_saved, self.log, self.wandb = self.start_step, None, None, None, None
+
+    @property
+    def weights(self):
+        """The checkpoint whose model the run starts from (resumed, or fine-tuned from a .pt), or None."""
+        return self.checkpoint if self.checkpoint is not None else self.init_checkpoint
+
+    def say(self, *text):
+        if self.world.is_master:
+            print(*text)
+
+    def fetch_data(self):
+        """The quick start's corpus is fetched on first use (rank 0 downloads it while the others wait)."""
+        if self.data.name == "moliere.txt" and not self.data.exists():
+            on_master(self.world, download_moliere, self.data)
+        return self.data
+
+    def restore(self, optimizers, train_loader):
+        """Optimizer moments, the data position and the random generators as the checkpoint left them; then the
+        checkpoint is let go (a 124M checkpoint is 1.5 GB, not to be kept for the whole run)."""
+        if self.checkpoint is not None:
+            restore_checkpoint(self.checkpoint, optimizers, train_loader, self.world)
+            self.say(f"resumed from {self.checkpoint_path} at step {self.start_step}")
+        for note in self.notes:
+            if note:
+                self.say(note)
+        self.checkpoint = self.init_checkpoint = None
+
+    # -- the loop's bookkeeping: lock, log.txt and W&B, stop signals -----------------------------------------------
+
+    def __enter__(self):
+        self.lock = lock_directory(self.log_dir, "train_gpt2.py") if self.world.is_master else None
+        try:
+            if self.world.is_master:
+                self.start_log()
+            self.stop = StopSignals().__enter__()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.release()
+
+    def release(self):
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def start_log(self):
+        """log.txt begins with what made the run (config, git commit, torch, device); a resumed run appends."""
+        path, world = self.log_dir / "log.txt", self.world
+        device = torch.cuda.get_device_name(world.device) if world.device_type == "cuda" else world.device_type
+        about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
+                 f"{device} x {world.world_size} | {self.dtype}")
+        if self.checkpoint_path is not None and path.exists():
+            self.write(f"# resume {self.checkpoint_path} | {about}")
+        else:
+            if path.exists():  # a fresh run never destroys an earlier log
+                os.replace(path, path.with_suffix(".prev.txt"))
+                print(f"moved the earlier {path} to {path.with_suffix('.prev.txt')}")
+            resumed = f"# resume {self.checkpoint_path}\n" if self.checkpoint_path else ""
+            self.write(f"# run {about}\n{resumed}# config {json.dumps(dataclasses.asdict(self.cfg))}")
+        if self.cfg.wandb:
+            self.wandb = start_wandb(self.cfg, self.log_dir, self.checkpoint_path is not None)
+
+    def write(self, text):
+        if not self.world.is_master:
+            return
+        path = self.log_dir / "log.txt"
+        try:
+            with open(path, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror}): free some space or fix the directory's "
+                            f"permissions, then continue with --resume") from None
+
+    def record(self, step, kind, value, **extra):
+        """One `{step} {kind} {value}` line of log.txt (train 6 decimals, val/hella 4), and the same to W&B."""
+        self.write(f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}")
+        if kind != "train":
+            self.say(f"step {step:5d} | {'val loss' if kind == 'val' else 'HellaSwag'} {value:.4f}")
+        if self.wandb is not None:
+            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+            self.wandb.log({names[kind]: value, **extra}, step=step)
+
+    def report_step(self, step, loss, lr, norm, dt, tokens_per_sec, mfu):
+        """The step's line on stdout, with the run's progress and the time left, and its record in log.txt."""
+        self.step = step + 1
+        self.say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.1f}ms | "
+                 f"tok/sec {tokens_per_sec:,.0f}" + (f" | MFU {mfu:.1f}%" if mfu else "") + f" | {self.progress(step)}")
+        self.record(step, "train", loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec,
+                    tokens=(step + 1) * self.cfg.total_batch_size, **({"mfu": mfu} if mfu else {}))
+
+    def progress(self, step):
+        """'12/200 (6%), 3m 20s left': the time left at the pace of the steps so far, evaluations included, the
+        first step (which compiles) left out."""
+        now, done, total = time.time(), step + 1, self.cfg.max_steps
+        text = f"{done}/{total} ({100 * done / total:.0f}%)"
+        if self.pace is None:
+            self.pace = (done, now)
+        elif done > self.pace[0]:
+            seconds = (now - self.pace[1]) / (done - self.pace[0]) * (total - done)
+            text += f", {format_seconds(seconds)} left"
+        return text
+
+    # -- stops and checkpoints ------------------------------------------------------------------------------------
+
+    def stopping(self):
+        """A stop request reached this rank (evaluations then end early, so that the checkpoint is saved in time)."""
+        return self.stop.received is not None
+
+    def stop_requested(self):
+        """True on every rank if any rank got a stop request, so that all of them stop at the same step."""
+        return self.stop.any_rank(self.world)
+
+    def save(self, step, raw_model, optimizers, train_loader):
+        self.last_saved = save_checkpoint(self.log_dir, step, raw_model, optimizers, train_loader, self.val_loss,
+                                          self.cfg, self.world)
+        return self.last_saved
+
+    def stopped(self, step, raw_model, optimizers, train_loader):
+        """Save the state after `step` updates and say how to continue."""
+        path = self.save(step, raw_model, optimizers, train_loader)
+        self.say(f"stopped by {self.stop.received or 'a signal on another rank'} at step {step}: saved {path}. "
+                 f"Continue with the same command plus --resume")
+
+    def finished(self):
+        saved = f"saved {self.last_saved}. " if self.last_saved else ""
+        sample = f"`python train_gpt2.py --resume {self.last_saved} --sample PROMPT`; " if self.last_saved else ""
+        hella = f"HellaSwag with `python hellaswag.py -m {self.last_saved}`" if self.last_saved else ""
+        self.say(f"{saved}Next: curves with `python plot.py {self.log_dir / 'log.txt'}`; {sample}{hella}".rstrip("; "))
+
+    # -- failures that deserve one line ---------------------------------------------------------------------------
+
+    def explained(self, error, B):
+        """An out-of-memory error or a torch.compile without its compiler as a UserError that says what to do; any
+        other error as it is."""
+        if is_out_of_memory(error):
+            newest = list_checkpoints(self.log_dir)
+            resume = (f"continue from {newest[-1]} with --resume {newest[-1]} -B {max(1, B // 2)}" if newest else
+                      f"start again with -B {max(1, B // 2)}")
+            return UserError(f"out of {self.world.device_type.upper()} memory at step {self.step} with -B {B}: "
+                             f"{resume} (the same --total_batch_size, with more accumulation steps)")
+        if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
+            # torch.compile needs a C compiler and Triton at run time; slim CUDA images lack them
+            first = (str(error).splitlines() or [""])[0][:200]
+            return UserError(f"torch.compile failed ({type(error).__name__}: {first}): rerun with --compile false, "
+                             f"or install a C compiler (e.g. apt install build-essential)")
+        return error
+
+
+def format_seconds(seconds):
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m" if hours else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+# -----------------------------------------------------------------------------
+# Flags: what a resumed run takes from its checkpoint, and every flag checked before any work
+
+def take_flags_from_checkpoints(cfg, given, checkpoint_path, checkpoint, init_checkpoint):
+    """A resumed run takes the flags that change its math, and its --log_dir, from the checkpoint unless they were
+    given: `--resume PATH` alone continues that run, in its own directory. A fine-tuned .pt gives its --recipe."""
+    if checkpoint is not None:
+        saved = checkpoint["args"]
+        for name in MATH_FLAGS:
+            if name not in given and name in saved:
+                setattr(cfg, name, saved[name])
+        if cfg.resume != "latest":
+            own_dir = Path(checkpoint_path).parent
+            if "log_dir" not in given:
+                cfg.log_dir = str(own_dir)
+            elif Path(cfg.log_dir).resolve() != own_dir.resolve() and (list_checkpoints(cfg.log_dir) or
+                                                                       (Path(cfg.log_dir) / "log.txt").exists()):
+                raise UserError(f"--log_dir {cfg.log_dir} holds another run: resuming {checkpoint_path} there would "
+                                f"mix the two; drop --log_dir (the run continues in {own_dir}) or name an empty one")
+    if init_checkpoint is not None:
+        recipe = init_checkpoint.get("args", {}).get("recipe", "gpt2")
+        if "recipe" not in given:
+            cfg.recipe = recipe
+        elif recipe != cfg.recipe:
+            raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
+
+
+def planned_shape(cfg, scratch_config):
+    """The shape the run will train, as a dict, known before any weights are built: from scratch the --model shape
+    with its overrides, else the Hugging Face model's (its config.json, or the hub name's size)."""
+    if cfg.init_from == "scratch":
+        return dataclasses.asdict(scratch_config)
+    config_file = Path(cfg.init_from) / "config.json"
+    if config_file.is_file():  # a local Hugging Face directory
+        c = json.loads(config_file.read_text())
+        return {"block_size": c.get("n_positions", 1024), "vocab_size": c.get("vocab_size", 50257),
+                "n_head": c.get("n_head", 12), "n_embd": c.get("n_embd", 768)}
+    _, n_head, n_embd = GPT2_SHAPES.get(cfg.init_from, GPT2_SHAPES["gpt2"])
+    return {"block_size": 1024, "vocab_size": 50257, "n_head": n_head, "n_embd": n_embd}
+
+
+def validate(cfg, world, shape, start_step=0):
+    """Every problem with the flags at once, before any work starts (litgpt's validate_args). shape: the model's
+    block_size, vocab_size, n_head and n_embd (a dict)."""
+    problems = [*batch_problems(cfg, world), *shape_problems(cfg, shape), *schedule_problems(cfg, start_step)]
+    if not 0 <= cfg.seed < 2**64:  # numpy's generators refuse negative seeds, torch's anything past 64 bits
+        problems.append(f"--seed must be between 0 and 2**64 - 1, not {cfg.seed}")
+    if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+           cfg.val_tokens) < 0:
+        problems.append("the --*_every, --keep_checkpoints and --val_tokens flags cannot be negative")
+    if (cfg.sample_every > 0 and not cfg.prompt) or cfg.sample == "":
+        problems.append("the samples' prompt is empty: give --prompt TEXT (or --sample_every 0)")
+    if cfg.hellaswag_every > 0 and cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
+        problems.append(f"--hellaswag_data {cfg.hellaswag_data} is {what_is(cfg.hellaswag_data)}, not a jsonl file")
+    if world.device_type == "mps" and cfg.dtype == "bfloat16":
+        problems.append("--dtype bfloat16 is not supported on MPS: use float32")
+    if cfg.wandb is not None and not cfg.wandb.strip():
+        problems.append("--wandb needs a project name (leave the flag out to log without W&B)")
+    elif cfg.wandb and importlib.util.find_spec("wandb") is None:
+        problems.append("--wandb needs the wandb package: pip install wandb")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def batch_problems(cfg, world):
+    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
+    if min(B, T, cfg.total_batch_size, cfg.max_steps) <= 0:
+        return ["-B, -T, --total_batch_size and --max_steps must be positive"]
+    if cfg.total_batch_size % (B * T * W) and cfg.sample is None:  # sampling needs no batch
+        tokens = cfg.total_batch_size // (T * W)  # sequences per step on each rank, if T*W divides the total
+        valid = [b for b in range(1, tokens + 1) if tokens % b == 0] if cfg.total_batch_size % (T * W) == 0 else []
+        return [f"--total_batch_size {cfg.total_batch_size} is not divisible by B*T*world_size = {B}*{T}*{W} = "
+                f"{B * T * W}; " + (f"valid -B values: {valid}" if valid else
+                                    f"use a --total_batch_size that is a multiple of {B * T * W}")]
+    return []
+
+
+def shape_problems(cfg, shape):
+    names = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    if any(getattr(cfg, k) < 0 for k in names):
+        return ["--n_layer, --n_head, --n_embd, --block_size and --vocab_size cannot be negative"]
+    if cfg.init_from != "scratch" and any(getattr(cfg, k) for k in names):
+        return [f"--init_from {cfg.init_from} fixes the model's shape: drop --n_layer/--n_head/--n_embd/"
+                "--block_size/--vocab_size"]
+    problems = []
+    if cfg.seq_len > shape["block_size"] and cfg.sample is None:
+        problems.append(f"-T {cfg.seq_len} is longer than the model's block_size {shape['block_size']}")
+    if shape["n_head"] and shape["n_embd"] % shape["n_head"]:
+        problems.append(f"--n_embd {shape['n_embd']} is not a multiple of --n_head {shape['n_head']}")
+    if cfg.recipe == "modern" and cfg.init_from != "scratch" and not cfg.init_from.endswith(".pt"):
+        problems.append(f"--recipe modern cannot start from {cfg.init_from}: GPT-2's weights do not fit its "
+                        f"architecture (start from scratch or from a modern .pt checkpoint)")
+    return problems
+
+
+def schedule_problems(cfg, start_step):
+    problems = []
+    if not (math.isfinite(cfg.max_lr) and cfg.max_lr > 0):
+        problems.append(f"--max_lr must be a positive number, not {cfg.max_lr}")
+    if not all(math.isfinite(lr) and lr > 0 for lr in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
+        problems.append("--muon_lr, --embed_lr and --head_lr must be positive numbers")
+    if cfg.recipe == "modern" and not (0 <= cfg.cooldown_frac <= 1 and cfg.warmup_steps <= (cfg.lr_horizon or
+                                       cfg.max_steps) * (1 - cfg.cooldown_frac)):
+        problems.append(f"--cooldown_frac {cfg.cooldown_frac} must be between 0 and 1, and the decay must start "
+                        f"after --warmup_steps {cfg.warmup_steps}")
+    if not 0 <= cfg.min_lr_ratio <= 1:  # (nan fails too) a negative floor would train by gradient ascent
+        problems.append(f"--min_lr_ratio must be between 0 and 1, not {cfg.min_lr_ratio}")
+    if not (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and math.isfinite(cfg.weight_decay + cfg.grad_clip)):
+        problems.append("--weight_decay and --grad_clip must be finite and not negative")
+    if min(cfg.warmup_steps, cfg.lr_horizon) < 0:
+        problems.append("--warmup_steps and --lr_horizon cannot be negative")
+    horizon = cfg.lr_horizon or cfg.max_steps
+    if 0 < cfg.max_steps <= cfg.warmup_steps or 0 < horizon <= cfg.warmup_steps:
+        problems.append(f"--warmup_steps {cfg.warmup_steps} must be fewer than --max_steps {cfg.max_steps} (and "
+                        f"--lr_horizon): the LR would never reach --max_lr. Pass a smaller --warmup_steps")
+    if cfg.max_steps < start_step:
+        problems.append(f"--max_steps {cfg.max_steps} is below the checkpoint's step {start_step}: nothing to do")
+    return problems
+
+
+def resolve_schedule(cfg, saved_args, start_step, lr):
+    """Fix the LR schedule's horizon for the whole run, so that resuming never makes the learning rate jump; returns
+    a line describing the schedule of a resumed run. lr(step, horizon): the run's schedule (0 to 1).
+
+    A fresh run's horizon is --lr_horizon or its --max_steps. A resumed run keeps the horizon it started with: a
+    larger --max_steps then continues at min_lr. An explicit new --lr_horizon is taken only if it leaves the
+    learning rate of every step so far unchanged (during warmup, say)."""
+    if saved_args is None:
+        cfg.lr_horizon = cfg.lr_horizon or cfg.max_steps
+    else:
+        saved = saved_args.get("lr_horizon") or saved_args["max_steps"]
+        new = cfg.lr_horizon or saved
+        if new != saved and any(lr(s, saved) != lr(s, new) for s in range(start_step + 1)):
+            raise UserError(f"--lr_horizon {new} would change the learning rate of the steps already taken (this "
+                            f"run's schedule ends at step {saved}): drop --lr_horizon to keep it; a larger "
+                            f"--max_steps then continues at " + ("min_lr" if cfg.recipe == "gpt2" else
+                            "0, which the modern recipe refuses: resume from a checkpoint before the decay"))
+        cfg.lr_horizon = new
+    horizon = cfg.lr_horizon
+    if cfg.recipe == "modern":  # WSD ends at LR 0: steps past the horizon would not learn
+        decay = horizon - int(cfg.cooldown_frac * horizon)
+        if cfg.max_steps > horizon:
+            raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {horizon}, where the "
+                            f"learning rate is 0: resume from a checkpoint before the decay (step <= {decay}) "
+                            f"with --lr_horizon {cfg.max_steps} --max_steps {cfg.max_steps}")
+        return None if saved_args is None else (
+            f"LR schedule: warmup {cfg.warmup_steps} steps, constant until step {decay}, linear decay to 0 at step "
+            f"{horizon}; step {start_step} runs at {lr(start_step, horizon):.4f} x the peak learning rates")
+    if saved_args is None:
+        return None
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > horizon else ""
+    return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
+            f"{horizon}{after}; step {start_step} runs at {cfg.max_lr * lr(start_step, horizon):.4e}")
+
+
+# -----------------------------------------------------------------------------
+# Weights & Biases, and work that rank 0 does for everyone
+
+def start_wandb(cfg, log_dir, resumed):
+    """A W&B run named after log_dir with the whole config; a resumed run continues the same W&B run."""
+    import uuid
+
+    import wandb
+
+    id_file = log_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:8]
+    atomic_write(id_file, lambda f: f.write(run_id.encode()))
+    try:
+        (log_dir / "wandb").mkdir(exist_ok=True)
+        return wandb.init(project=cfg.wandb, name=log_dir.name, id=run_id, resume="allow", dir=str(log_dir),
+                          config=dataclasses.asdict(cfg))
+    except (OSError, wandb.errors.Error) as e:  # a read-only place, a W&B server that refuses the run, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"W&B could not start its run in {log_dir / 'wandb'} ({first}): fix that, or leave out "
+                        f"--wandb") from None
+
+
+def on_master(world, fn, *args):
+    """Run fn on rank 0 alone while the others wait; every rank learns whether it failed, so that a download
+    error stops all of them at once rather than leaving the others in a barrier until the timeout."""
+    error = None
+    if world.is_master:
+        try:
+            fn(*args)
+        except UserError as e:
+            error = e
+    if world.world_size > 1:
+        failed = torch.tensor(int(error is not None), device=world.device)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise UserError("rank 0 failed (see its message)")
+    if error is not None:
+        raise error
+
+
+# -----------------------------------------------------------------------------
+# A micro-batch that fits the GPU: GPT-2 124M at B=64, T=1024 takes 29 GB compiled, so a 24 GB card needs less.
+
+def is_out_of_memory(e):
+    """torch.cuda.OutOfMemoryError, or a RuntimeError saying the same (other allocators, older torch)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def out_of_memory_is_an_error(world):
+    """Only a GPU reports running out of memory as an exception; on a CPU the operating system ends the process."""
+    return world.device_type == "cuda"
+
+
+def fit_micro_batch(model, B, T, world, dtype):
+    """The largest of B, B/2, B/4, ... whose forward and backward pass fit in memory on every rank. The total batch
+    stays the same (more accumulation steps), so the run computes the same updates at any B. Each try is one
+    micro-step on a batch of zeros (no random numbers drawn, no gradient all-reduce); the ranks then agree on the
+    smallest B that fits on all of them."""
+    tried = []
+    while True:
+        fits = torch.tensor(int(fits_in_memory(model, B, T, world, dtype)), device=world.device)
+        if world.world_size > 1:
+            torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+        if fits.item():
+            break
+        tried.append(B)
+        if B == 1:
+            raise UserError(f"even -B 1 (one sequence of {T} tokens) does not fit in GPU memory: use a smaller "
+                            f"model or a smaller -T")
+        B //= 2
+    if tried:
+        torch._dynamo.reset()  # torch.compile: compile again for the chosen shape, not for shapes dynamic over tries
+        if world.is_master:
+            print(f"-B {B}: the largest micro-batch that fits in GPU memory (-B {', '.join(map(str, tried))} ran out)")
+    return B
+
+
+def fits_in_memory(model, B, T, world, dtype):
+    x = torch.zeros((B, T), dtype=torch.long, device=world.device)
+    try:
+        with model.no_sync() if world.world_size > 1 else contextlib.nullcontext():
+            with autocast(world.device_type, dtype):
+                _, loss = model(x, x)
+            loss.backward()
+        return True
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        if world.device_type == "cuda":
+            torch.cuda.empty_cache()
