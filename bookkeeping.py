@@ -48,7 +48,9 @@ class Run:
     checks every flag (nothing is written yet, so --sample can use it too). As a context manager it holds the
     --log_dir lock, log.txt (and W&B) and the stop signals for the training loop."""
 
-    def __init__(self, cfg, given, world, scratch_config, schedule):
+    def __init__(self, cfg, given, world, model_config, schedule):
+        """model_config(cfg) and schedule(cfg): train_gpt2.py's, called once the flags a resumed run takes from its
+        checkpoint are in place."""
         self.cfg, self.world, self.dtype = cfg, world, None
         self.checkpoint_path, self.checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume) if cfg.resume \
             else (None, None)
@@ -57,9 +59,13 @@ class Run:
         self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
         self.val_loss = self.checkpoint["val_loss"] if self.checkpoint is not None else None
         take_flags_from_checkpoints(cfg, given, self.checkpoint_path, self.checkpoint, self.init_checkpoint)
+        if "micro_batch_size" not in given:  # -B not given: the preset's, halved until it divides the total batch
+            while cfg.micro_batch_size > 1 and cfg.total_batch_size % (cfg.micro_batch_size * cfg.seq_len *
+                                                                       world.world_size):
+                cfg.micro_batch_size //= 2
         self.log_dir = Path(cfg.log_dir)
         weights = self.weights
-        validate(cfg, world, weights["config"] if weights else planned_shape(cfg, scratch_config), self.start_step)
+        validate(cfg, world, weights["config"] if weights else planned_shape(cfg, model_config), self.start_step)
         if self.checkpoint is not None:
             self.notes = [check_resume_flags(self.checkpoint["args"], cfg, MATH_FLAGS)]
         else:
@@ -67,8 +73,9 @@ class Run:
             if cfg.sample is None and list_checkpoints(self.log_dir):
                 raise UserError(f"{self.log_dir} holds checkpoints of an earlier run: continue it with --resume, "
                                 f"or start a new run with another --log_dir")
-        self.notes.append(resolve_schedule(cfg, self.checkpoint and self.checkpoint["args"], self.start_step,
-                                           schedule))
+        if cfg.sample is None:  # (sampling trains nothing: no schedule to keep)
+            self.notes.append(resolve_schedule(cfg, self.checkpoint and self.checkpoint["args"], self.start_step,
+                                               schedule(cfg)))
         self.data = resolve_path(cfg.data)
         self.step, self.pace, self.last_saved, self.log, self.wandb = self.start_step, None, None, None, None
 
@@ -258,11 +265,11 @@ def take_flags_from_checkpoints(cfg, given, checkpoint_path, checkpoint, init_ch
             raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
 
 
-def planned_shape(cfg, scratch_config):
+def planned_shape(cfg, model_config):
     """The shape the run will train, as a dict, known before any weights are built: from scratch the --model shape
     with its overrides, else the Hugging Face model's (its config.json, or the hub name's size)."""
     if cfg.init_from == "scratch":
-        return dataclasses.asdict(scratch_config)
+        return dataclasses.asdict(model_config(cfg))
     config_file = Path(cfg.init_from) / "config.json"
     if config_file.is_file():  # a local Hugging Face directory
         c = json.loads(config_file.read_text())
@@ -275,7 +282,8 @@ def planned_shape(cfg, scratch_config):
 def validate(cfg, world, shape, start_step=0):
     """Every problem with the flags at once, before any work starts (litgpt's validate_args). shape: the model's
     block_size, vocab_size, n_head and n_embd (a dict)."""
-    problems = [*batch_problems(cfg, world), *shape_problems(cfg, shape), *schedule_problems(cfg, start_step)]
+    problems = [*batch_problems(cfg, world), *shape_problems(cfg, shape),
+                *(schedule_problems(cfg, start_step) if cfg.sample is None else [])]  # sampling trains nothing
     if not 0 <= cfg.seed < 2**64:  # numpy's generators refuse negative seeds, torch's anything past 64 bits
         problems.append(f"--seed must be between 0 and 2**64 - 1, not {cfg.seed}")
     if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,

@@ -865,7 +865,7 @@ def train(cfg, world, given=()):
     """A run, set-up then loop. given: the flags given on the command line (on --resume the others are taken from
     the checkpoint)."""
     # before any work the checkpoint to resume or fine-tune from is read and every flag checked (bookkeeping.py)
-    run = bookkeeping.Run(cfg, given, world, model_config(cfg), schedule(cfg))
+    run = bookkeeping.Run(cfg, given, world, model_config, schedule)
     run.dtype = dtype = resolve_dtype(cfg.dtype, world.device_type)
     raw_model = create_model(cfg, run.weights).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)

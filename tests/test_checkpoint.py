@@ -3,10 +3,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+import checkpoints
 import common
 import train_gpt2
 from conftest import ROOT, TINY, read_log, torchrun_cpu
@@ -130,7 +132,8 @@ def test_full_disk_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, 
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "could not write" in err and "model_00008.pt" in err and "GB free there" in err and "--resume" in err
     assert sorted(p.name for p in tmp_path.iterdir() if "model" in p.name) == ["model_00004.pt"]  # no temp file
-    assert GPT.from_checkpoint(tmp_path / "model_00004.pt") is not None
+    kept = checkpoints.load_checkpoint(tmp_path / "model_00004.pt", for_resume=True)  # whole and matching its checksum
+    assert kept["step"] == 4 and kept["loaders"][0]["position"] == 4 * 2 * 4
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(shards, tmp_path, capsys):
@@ -162,6 +165,36 @@ def test_sigterm_saves_exits_0_and_resume_finishes_identically(shards, tmp_path)
     subprocess.run(args + ["--log_dir", str(tmp_path / "b"), "--resume"], check=True, capture_output=True)
     straight = run(shards, tmp_path / "a", "--max_steps", "400", "--eval_every", "100")
     assert read_log(tmp_path / "b" / "log.txt") == straight
+
+
+@pytest.mark.slow
+def test_signals_after_the_checkpoint_is_saved_never_turn_the_clean_exit_into_a_kill(shards, tmp_path):
+    """A VM shutdown keeps signalling: SIGTERMs (and a Ctrl-C) arriving every few milliseconds from the first one until
+    the process has gone must leave exit status 0 and the checkpoint (the old handler came back after the loop, and
+    the next SIGTERM killed the process on its way out: exit -15, 5 runs of 5)."""
+    import threading
+
+    args = [sys.executable, str(ROOT / "train_gpt2.py"), *TINY, "--data", str(shards), "--max_steps", "400",
+            "--eval_every", "100", "--log_dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step    10 | loss"):
+            break
+
+    def keep_signalling():
+        while proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            time.sleep(0.002)
+
+    signaller = threading.Thread(target=keep_signalling)
+    signaller.start()
+    out = proc.communicate(timeout=120)[0]
+    signaller.join()
+    assert proc.returncode == 0 and "stopped by SIGTERM" in out, (proc.returncode, out[-500:])
+    assert len(list(tmp_path.glob("model_*.pt"))) == 1
 
 
 @pytest.mark.slow

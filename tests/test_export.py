@@ -1,14 +1,16 @@
 """GPT.save_pretrained writes a directory the Hugging Face ecosystem uses alone: AutoTokenizer gives tiktoken's ids,
 pipeline("text-generation") samples from it offline and never emits a padded id."""
 import json
+import os
 import random
 import shutil
 import socket
+import stat
 
 import pytest
 import torch
 
-from common import EOT, get_tokenizer
+from common import EOT, UserError, get_tokenizer
 from train_gpt2 import GPT, GPTConfig
 
 # the vocabulary padded to 50,304 as training from scratch does: 47 ids the tokenizer does not know
@@ -132,3 +134,69 @@ def test_pipeline_generates_offline_and_never_a_padded_id(exported, monkeypatch)
         assert max(generated) <= EOT
     text = generator(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+# -- the directory an export writes into ----------------------------------------------------------------------
+
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=EOT + 1, n_layer=1, n_head=2, n_embd=16))
+
+
+def test_a_link_planted_in_the_directory_is_never_followed(tmp_path):
+    """transformers wrote config.json in place: a link planted at DIR/config.json made it overwrite its target."""
+    victim, directory = tmp_path / "victim.txt", tmp_path / "hf"
+    victim.write_text("precious")
+    directory.mkdir()
+    (directory / "config.json").symlink_to(victim)
+    with pytest.raises(UserError, match="is not a model exported by save_pretrained"):
+        small_model().save_pretrained(directory)
+    assert victim.read_text() == "precious"
+
+
+def test_an_earlier_export_is_replaced_whole_and_anything_else_refused(tmp_path):
+    import transformers
+
+    directory = tmp_path / "hf"
+    small_model().save_pretrained(directory)
+    model = small_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(directory)  # one of our exports: replaced
+    again = transformers.GPT2LMHeadModel.from_pretrained(directory)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    assert not [p for p in tmp_path.iterdir() if p.name != "hf"]  # no temp directory left beside it
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        model.save_pretrained(tmp_path / "file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"not a model exported by save_pretrained \(it holds notes.txt\)"):
+        model.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_every_exported_file_has_the_same_mode(tmp_path):
+    """safetensors wrote model.safetensors readable by its owner only, the other files followed the umask."""
+    old = os.umask(0o022)
+    try:
+        small_model().save_pretrained(tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
+
+
+def test_an_export_without_its_tokenizer_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """Offline without tiktoken's files, config and weights were written and no tokenizer: AutoTokenizer then
+    built an empty one. An export is complete or absent."""
+    import common
+
+    def offline():
+        raise UserError("could not load GPT-2's tokenizer: tiktoken fetches it on first use")
+
+    monkeypatch.setattr(common, "get_tokenizer", offline)
+    with pytest.raises(UserError, match="tokenizer"):
+        small_model().save_pretrained(tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []

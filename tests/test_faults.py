@@ -137,10 +137,35 @@ def test_a_short_last_shard_from_fineweb_is_skipped_with_a_note(tmp_path, capsys
     (["--n_embd", "-32"], "cannot be negative"),
     (["--weight_decay", "inf"], "--weight_decay and --grad_clip must be finite"),
     (["--dist_timeout", "0"], "--dist_timeout must be between 1 and 604800 seconds"),
+    (["--dist_timeout", str(10**12)], "--dist_timeout must be between 1 and 604800 seconds"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**64 - 1, not -1"),  # numpy's generators refuse it, mid-run
+    (["--seed", str(2**64)], "--seed must be between 0 and 2**64 - 1"),  # torch.manual_seed overflows
+    (["--wandb", ""], "--wandb needs a project name"),  # W&B was silently off
+    (["--prompt", "", "--sample_every", "5"], "the samples' prompt is empty"),  # failed at the first sample
+    (["--hellaswag_every", "5", "--hellaswag_data", "nowhere.jsonl"],
+     "--hellaswag_data nowhere.jsonl is missing (no such file or directory), not a jsonl file"),
 ])
 def test_flags_outside_their_domain_are_refused(shards, tmp_path, capsys, flags, expected):
     message = error_of(capsys, *TINY, "--data", str(shards), "--log_dir", str(tmp_path / "log"), *flags)
     assert expected in message and not (tmp_path / "log").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory named .txt", "name too long", "log_dir name too long"])
+def test_a_path_that_is_not_what_it_should_be_is_one_line_saying_what_it_is(shards, tmp_path, capsys, kind):
+    data, log_dir = shards, tmp_path / "log"
+    if kind == "fifo":
+        data = tmp_path / "corpus.txt"
+        os.mkfifo(data)  # reading it would block forever
+    elif kind == "directory named .txt":
+        (data := tmp_path / "corpus.txt").mkdir()
+    elif kind == "name too long":
+        data = tmp_path / ("x" * 300) / "corpus.txt"
+    else:
+        log_dir = tmp_path / ("x" * 300)
+    message = error_of(capsys, *TINY, "--data", str(data), "--log_dir", str(log_dir))
+    expected = {"fifo": "is a FIFO (named pipe), not a text file", "directory named .txt": "is a directory, not a text",
+                "name too long": "File name too long", "log_dir name too long": "File name too long"}[kind]
+    assert expected in message and "not found" not in message
 
 
 def test_every_problem_is_named_in_one_line(shards, tmp_path, capsys):
@@ -205,6 +230,20 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused(shards, tmp_path, capsys):
     train(shards, tmp_path, "--max_steps", "6", "--checkpoint_every", "2", "--resume")  # falls back to step 2
     out = capsys.readouterr().out
     assert "skipping" in out and "is corrupt" in out and "model_00002.pt at step 2" in out
+
+
+def test_a_changed_flag_in_a_checkpoint_is_caught_as_corruption(shards, tmp_path, capsys):
+    """A flipped bit in the saved flags (max_lr, say) was caught only as a resume-flag mismatch that told the user to
+    rerun with the corrupted value: the checksum covers the whole checkpoint, metadata included."""
+    train(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "2", "--keep_checkpoints", "0")
+    checkpoint = torch.load(tmp_path / "model_00004.pt", weights_only=True)
+    checkpoint["args"]["max_lr"] = 1e-2 * 2 ** 10  # one bit of the float's exponent
+    torch.save(checkpoint, tmp_path / "model_00004.pt")
+    with pytest.raises(common.UserError, match="model_00004.pt is corrupt"):
+        checkpoints.load_checkpoint(tmp_path / "model_00004.pt")
+    train(shards, tmp_path, "--max_steps", "6", "--checkpoint_every", "2", "--resume")  # falls back to step 2
+    out = capsys.readouterr().out
+    assert "is corrupt" in out and "model_00002.pt at step 2" in out and "--max_lr" not in out
 
 
 # -- stop requests -------------------------------------------------------------------------------------------
@@ -307,11 +346,6 @@ def test_a_compiler_failure_at_the_first_step_says_what_to_do(shards, tmp_path, 
     monkeypatch.setattr(train_gpt2, "train_step", fail)
     message = error_of(capsys, *TINY, "--data", str(shards), "--log_dir", str(tmp_path))
     assert "torch.compile failed" in message and "--compile false" in message and "build-essential" in message
-
-
-def test_the_loader_hands_out_contiguous_batches(shards):
-    x, y = train_gpt2.ShardedLoader(shards, 4, 32, "train").next_batch()
-    assert x.is_contiguous() and y.is_contiguous() and torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_a_stop_during_hellaswag_saves_without_a_partial_score(shards, tmp_path, monkeypatch, capsys):

@@ -291,13 +291,11 @@ def test_ordered_map_keeps_order_and_reads_ahead_at_most_depth_tasks():
         assert list(results) == list(range(1, 50))
 
 
-def test_benchmark_reports_our_rate_and_the_ceiling(reference):
+def test_benchmark_times_a_run_over_every_token_of_the_input(reference):
+    """Its rates are figures for the README, not tests; what it timed can be checked: a run over all the input."""
     path, _ = reference
     result = fineweb.benchmark([path], workers=WORKERS)
     assert result["tokens"] == json.loads(reference[1]["manifest.json"])["tokens"]
-    assert result["ceiling_tokens_per_s"] > 0 and result["tokens_per_s"] > 0
-    # end to end, start-up and writing included, fineweb.py cannot run much faster than tiktoken's bare rate x workers
-    assert 0 < result["ratio"] <= 1.2 and result["workers"] == WORKERS
 
 
 def test_default_out_is_beside_the_script(tmp_path, monkeypatch, capsys):

@@ -150,9 +150,14 @@ def test_hellaswag_packed_scoring_equals_one_example_at_a_time():
     assert torch.allclose(packed_sums / counts, means, rtol=1e-4, atol=1e-4)
 
 
-def test_generate_works():
+def test_generate_never_emits_a_padded_id_even_where_the_model_prefers_them():
     model = tiny_modern(vocab_size=50304)
-    out = model.generate(torch.tensor([[50256, 15496]]), 40, generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor([[50256, 15496]])
+    with torch.no_grad():  # the head is zero at init (all logits 0): give the 47 padded ids positive logits
+        model.lm_head.weight[50257:] = model.hidden_states(prompt)[0, -1]
+    logits, _ = model(prompt)
+    assert logits[0, -1].argmax() >= 50257  # so sampling from the raw logits would pick one
+    out = model.generate(prompt, 40, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 42) and out.max() < 50257  # past block_size 32 too
 
 

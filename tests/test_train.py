@@ -326,6 +326,28 @@ def test_moliere_download_checks_the_sha256_and_leaves_nothing_on_failure(tmp_pa
         assert target.read_bytes() == SHARED_MOLIERE.read_bytes()
 
 
+@pytest.mark.skipif(not SHARED_MOLIERE.exists(), reason="needs the Moliere corpus")
+def test_a_failed_download_says_how_to_fetch_and_check_by_hand_in_two_runnable_commands(tmp_path, monkeypatch):
+    """The message ran the fetch and the check together (`curl -L URL -o FILE sha256sum FILE -> HASH`): copied as it
+    stood, a broken command. Each command is now quoted on its own; here the check is run as printed, on a good and
+    a damaged copy, and the fetch is parsed as a shell would."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    target = Path("input dir") / "moliere.txt"  # a space, so that quoting matters
+    with pytest.raises(common.UserError) as info:
+        common.download((tmp_path / "missing.txt").as_uri(), target, sha256=common.MOLIERE_SHA256)
+    commands = re.findall(r"`([^`]+)`", str(info.value))
+    assert len(commands) == 2, str(info.value)
+    fetch, check = commands
+    assert shlex.split(fetch) == ["curl", "-L", "-o", str(target), (tmp_path / "missing.txt").as_uri()]
+    target.parent.mkdir()
+    target.write_bytes(SHARED_MOLIERE.read_bytes())  # as curl would have fetched it
+    assert subprocess.run(["bash", "-c", check], capture_output=True).returncode == 0
+    target.write_bytes(SHARED_MOLIERE.read_bytes()[:-1])
+    assert subprocess.run(["bash", "-c", check], capture_output=True).returncode != 0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_MOLIERE.exists(), reason="needs the Moliere corpus")
 def test_moliere_preset_runs_and_samples(tmp_path, capsys):
@@ -334,6 +356,8 @@ def test_moliere_preset_runs_and_samples(tmp_path, capsys):
                      "--sample_every", "2"])
     out = capsys.readouterr().out
     assert "8,192 tokens per step = 32 x 128 x 1 ranks x 2 accumulation steps" in out
+    assert "steps 0 to 2: 16,384 tokens" in out  # the header says how long the run will be
+    assert re.search(r"^step     1 \| loss .* \| 2/2 \(100%\), \d+s left$", out, re.M)  # where it is, and the time left
     assert out.count("> sganarelle:") == 8  # 4 samples at step 0, 4 after the last step
     log = read_log(tmp_path / "log.txt")
     assert float(log[2, "val"]) < float(log[0, "val"]) and (tmp_path / "model_00002.pt").exists()
@@ -358,6 +382,7 @@ def test_init_from_a_hugging_face_directory(shards, tmp_path):
         train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path / "x"), "--init_from", str(hf_dir)])
 
 
+@pytest.mark.slow
 def test_running_the_script_never_loads_a_second_copy_of_itself(shards, tmp_path):
     """Run as a script, train_gpt2 is __main__; if anything it imports (hellaswag.py) imported train_gpt2 back,
     a second copy with its own GPT and UserError classes would load, and its errors would escape main()."""
@@ -401,3 +426,53 @@ def test_destroying_the_process_group_stops_its_threads(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count("threads") == 2
+
+
+# -- resuming from a checkpoint of another directory ----------------------------------------------------------
+
+def test_resume_path_continues_in_its_own_directory_with_its_recipe(shards, tmp_path, monkeypatch, capsys):
+    """The README's extension of the modern quick start: `--preset moliere --resume log_moliere_modern/...` without
+    --log_dir appended to the gpt2 run's log_moliere/log.txt (the preset's --log_dir) and saved its checkpoint there,
+    and the stop message's advice failed with `--recipe gpt2 -> modern`. The run's directory and its recipe now come
+    from the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    tiny = TINY + ["--data", str(shards), "--warmup_steps", "1", "--eval_every", "2", "--checkpoint_every", "2"]
+    train_gpt2.main(["--preset", "moliere", *tiny, "--max_steps", "4"])
+    train_gpt2.main(["--preset", "moliere", "--recipe", "modern", "--log_dir", "log_moliere_modern", *tiny,
+                     "--max_steps", "4"])
+    gpt2_log = (tmp_path / "log_moliere" / "log.txt").read_text()
+    capsys.readouterr()
+    train_gpt2.main(["--preset", "moliere", "--resume", "log_moliere_modern/model_00002.pt", *tiny,
+                     "--lr_horizon", "6", "--max_steps", "6"])
+    out = capsys.readouterr().out
+    assert "resumed from log_moliere_modern/model_00002.pt at step 2" in out and "linear decay to 0 at step 6" in out
+    assert (tmp_path / "log_moliere" / "log.txt").read_text() == gpt2_log  # the gpt2 run untouched
+    assert sorted(p.name for p in (tmp_path / "log_moliere").glob("model_*.pt")) == ["model_00002.pt",
+                                                                                     "model_00004.pt"]
+    assert (6, "val") in read_log(tmp_path / "log_moliere_modern" / "log.txt")
+    # sampling from it needs no --recipe either
+    train_gpt2.main(["--resume", "log_moliere_modern/model_00006.pt", "--sample", "A", "--device", "cpu"])
+    assert capsys.readouterr().out.count("> A") == 4  # ("A" is GPT-2's id 32: inside the tiny vocabulary)
+
+
+def test_resume_into_another_runs_directory_is_refused(shards, tmp_path, capsys):
+    base = TINY + ["--data", str(shards), "--warmup_steps", "1", "--checkpoint_every", "2", "--max_steps", "2"]
+    train_gpt2.main(base + ["--log_dir", str(tmp_path / "a")])
+    train_gpt2.main(base + ["--log_dir", str(tmp_path / "b")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_gpt2.main(base + ["--log_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "model_00002.pt"),
+                                "--max_steps", "4"])
+    err = capsys.readouterr().err
+    assert f"--log_dir {tmp_path / 'b'} holds another run" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "b").glob("model_*.pt")) == ["model_00002.pt"]
+
+
+def test_a_shard_directory_with_only_the_val_shard_names_the_cause(tmp_path, capsys):
+    """A corpus smaller than fineweb.py's --shard_size gives only the val shard; the trainer said "make shards with
+    python fineweb.py", the command just run."""
+    data = write_shards(tmp_path / "shards", [5000])
+    with pytest.raises(SystemExit):
+        train_gpt2.main(TINY + ["--data", str(data), "--log_dir", str(tmp_path / "log")])
+    err = capsys.readouterr().err
+    assert "smaller --shard_size" in err and "make shards with" not in err

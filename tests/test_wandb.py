@@ -47,6 +47,7 @@ def history_and_run(run_dir):
     return history, run
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_the_records_and_a_resume_continues_the_run(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -75,3 +76,19 @@ def test_wandb_offline_logs_the_records_and_a_resume_continues_the_run(shards, t
     history, resumed = history_and_run(second)
     assert resumed.run_id == run.run_id  # the same W&B run goes on
     assert sorted(row["_step"] for row in history) == [3, 4, 5, 6]
+
+
+def test_wandb_that_cannot_write_its_files_is_one_line(shards, tmp_path, monkeypatch, capsys):
+    """W&B's files go under log_dir/wandb: a place it cannot write (here a file in the way, as root ignores
+    permissions) is one line, not wandb's traceback."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    (log_dir / "wandb").write_text("in the way")
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), "--max_steps", "2",
+                                "--warmup_steps", "1", "--wandb", "gpt2-tests"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_gpt2.py: error: W&B could not start its run in"), err
