@@ -207,6 +207,15 @@ class Run:
         self.say(f"stopped by {self.stop.received or 'a signal on another rank'} at step {step}: saved {path}. "
                  f"Continue with the same command plus --resume")
 
+    def announce(self, raw_model, train_loader, use_compile):
+        """What the run is about to do: the model, the machine, and how many steps and tokens it will take."""
+        cfg, B, T, W = self.cfg, train_loader.B, train_loader.T, self.world.world_size
+        tokens, epoch = (cfg.max_steps - self.start_step) * cfg.total_batch_size, train_loader.epoch_windows * T
+        self.say(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {self.world.device} x {W} | "
+                 f"{self.dtype} | compile {use_compile}\nsteps {self.start_step} to {cfg.max_steps}: {tokens:,} "
+                 f"tokens, {tokens / epoch:.2f} epochs of {epoch:,} | {cfg.total_batch_size:,} tokens per step = "
+                 f"{B} x {T} x {W} ranks x {cfg.total_batch_size // (B * T * W)} accumulation steps")
+
     def finished(self):
         saved = f"saved {self.last_saved}. " if self.last_saved else ""
         sample = f"`python train_gpt2.py --resume {self.last_saved} --sample PROMPT`; " if self.last_saved else ""
@@ -224,12 +233,17 @@ class Run:
                       f"start again with -B {max(1, B // 2)}")
             return UserError(f"out of {self.world.device_type.upper()} memory at step {self.step} with -B {B}: "
                              f"{resume} (the same --total_batch_size, with more accumulation steps)")
-        if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
-            # torch.compile needs a C compiler and Triton at run time; slim CUDA images lack them
-            first = (str(error).splitlines() or [""])[0][:200]
-            return UserError(f"torch.compile failed ({type(error).__name__}: {first}): rerun with --compile false, "
-                             f"or install a C compiler (e.g. apt install build-essential)")
-        return error
+        return compile_failed(error) or error
+
+
+def compile_failed(error):
+    """torch.compile needs a C compiler and Triton at run time (slim CUDA images lack them): its failure as a
+    UserError that says what to do, or None for any other error."""
+    if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
+        first = (str(error).splitlines() or [""])[0][:200]
+        return UserError(f"torch.compile failed ({type(error).__name__}: {first}): rerun with --compile false, "
+                         f"or install a C compiler (e.g. apt install build-essential)")
+    return None
 
 
 def format_seconds(seconds):
@@ -480,9 +494,9 @@ def fits_in_memory(model, B, T, world, dtype):
                 _, loss = model(x, x)
             loss.backward()
         return True
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+    except Exception as e:  # noqa: BLE001 -- out of memory, or the compiler's failure (the first try compiles)
         if not is_out_of_memory(e):
-            raise
+            raise compile_failed(e) or e from None
         return False
     finally:
         model.zero_grad(set_to_none=True)

@@ -805,7 +805,6 @@ def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, wor
     return loss_mean, norm.item(), optimizers[0].param_groups[0]["lr"]  # the matrices' learning rate
 
 
-
 def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
 
@@ -889,12 +888,7 @@ def train(cfg, world, given=()):
     train_loader = ShardedLoader(data, B, T, "train", world.rank, W, cfg.seed, vocab_size)
     val_loader = ShardedLoader(data, B, T, "val", world.rank, W, vocab_size=vocab_size)
     run.restore(optimizers, train_loader)  # a resumed run: optimizer moments, data position, random generators
-    tokens = (cfg.max_steps - run.start_step) * cfg.total_batch_size
-    run.say(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world.device} x {W} | {dtype} | "
-            f"compile {use_compile}\nsteps {run.start_step} to {cfg.max_steps}: {tokens:,} tokens, "
-            f"{tokens / (train_loader.epoch_windows * T):.2f} epochs of {train_loader.epoch_windows * T:,} | "
-            f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {W} ranks x "
-            f"{cfg.total_batch_size // (B * T * W)} accumulation steps")
+    run.announce(raw_model, train_loader, use_compile)  # the model, the machine, the steps and tokens to come
     with run:  # the --log_dir lock, log.txt (and W&B), stop signals
         try:
             loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader)

@@ -100,3 +100,21 @@ def test_out_of_memory_later_names_the_B_and_the_checkpoint_and_loses_nothing(sh
     assert resumed.keys() == straight.keys()
     for key in straight:  # the same batches; B=2 sums its micro-steps in another order
         assert abs(float(resumed[key]) - float(straight[key])) <= 1e-5, key
+
+
+def test_a_compiler_failure_while_searching_is_one_line(shards, tmp_path, monkeypatch, capsys):
+    """The search's first micro-step is where torch.compile compiles: its failure there says what to do, too."""
+    class TritonMissing(Exception):
+        pass
+
+    TritonMissing.__module__ = "torch._inductor.exc"
+
+    def forward(self, idx, targets=None):
+        raise TritonMissing("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(train_gpt2.GPT, "forward", forward)
+    monkeypatch.setattr(bookkeeping, "out_of_memory_is_an_error", lambda world: True)
+    with pytest.raises(SystemExit):
+        train_gpt2.main(WITHOUT_B + ["--data", str(shards), "--log_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.compile failed" in err[0] and "--compile false" in err[0]

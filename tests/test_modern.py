@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY, read_log, torchrun_cpu
+from conftest import TINY, read_log, torchrun_cpu
 from test_hellaswag import make_examples, reference_losses
 
 import hellaswag
@@ -206,16 +206,3 @@ def test_extending_a_wsd_run_from_before_the_decay_and_refusing_past_the_horizon
     assert [later[s] for s in range(4, 8)] == [0.05] * 4 and later[15] == pytest.approx(0.05 / 8)
     assert all(later[s] >= later[s + 1] for s in range(4, 15))
 
-
-def test_readme_quick_starts_run_one_after_the_other(shards, tmp_path, monkeypatch):
-    """The README's two quick-start commands, as written there, in one directory: the modern one used to reuse
-    log_moliere/ and was refused there once the gpt2 quick start had left its checkpoints."""
-    readme = (ROOT / "README.md").read_text()
-    commands = [line.split()[2:] for line in readme.splitlines()
-                if line.startswith("    python train_gpt2.py --preset moliere") and "--resume" not in line]
-    assert len(commands) == 2 and "modern" in commands[1], commands  # the quick start, then the modern one
-    monkeypatch.chdir(tmp_path)
-    shorter = TINY + ["--data", str(shards), "--max_steps", "2", "--warmup_steps", "1", "--checkpoint_every", "2"]
-    for argv in commands:
-        train_gpt2.main(argv + shorter)  # TINY's flags come later and override the preset's
-    assert [p.name for p in sorted(tmp_path.glob("log_moliere*/model_*.pt"))] == ["model_00002.pt"] * 2
