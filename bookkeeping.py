@@ -59,10 +59,8 @@ class Run:
         self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
         self.val_loss = self.checkpoint["val_loss"] if self.checkpoint is not None else None
         take_flags_from_checkpoints(cfg, given, self.checkpoint_path, self.checkpoint, self.init_checkpoint)
-        if "micro_batch_size" not in given:  # -B not given: the preset's, halved until it divides the total batch
-            while cfg.micro_batch_size > 1 and cfg.total_batch_size % (cfg.micro_batch_size * cfg.seq_len *
-                                                                       world.world_size):
-                cfg.micro_batch_size //= 2
+        if "micro_batch_size" not in given:
+            cfg.micro_batch_size = dividing_micro_batch(cfg, world)
         self.log_dir = Path(cfg.log_dir)
         weights = self.weights
         validate(cfg, world, weights["config"] if weights else planned_shape(cfg, model_config), self.start_step)
@@ -77,7 +75,7 @@ class Run:
             self.notes.append(resolve_schedule(cfg, self.checkpoint and self.checkpoint["args"], self.start_step,
                                                schedule(cfg)))
         self.data = resolve_path(cfg.data)
-        self.step, self.pace, self.last_saved, self.log, self.wandb = self.start_step, None, None, None, None
+        self.step, self.pace, self.last_saved, self.wandb = self.start_step, None, None, None
 
     @property
     def weights(self):
@@ -277,6 +275,14 @@ def take_flags_from_checkpoints(cfg, given, checkpoint_path, checkpoint, init_ch
             cfg.recipe = recipe
         elif recipe != cfg.recipe:
             raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
+
+
+def dividing_micro_batch(cfg, world):
+    """-B not given: the preset's, halved until B*T*world_size divides the total batch (a run on 3 GPUs, say)."""
+    B = cfg.micro_batch_size
+    while B > 1 and cfg.total_batch_size % (B * cfg.seq_len * world.world_size):
+        B //= 2
+    return B
 
 
 def planned_shape(cfg, model_config):

@@ -222,6 +222,16 @@ def split_paths(directory, split):
     return paths
 
 
+def read_text_file(path):
+    """The text of a UTF-8 file given as --data, or one line saying what is wrong with it."""
+    if not Path(path).is_file():
+        raise UserError(f"--data {path} is {what_is(path)}, not a text file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read text file {path} ({e}): --data takes a UTF-8 .txt file") from None
+
+
 def load_shard(path):
     """A shard as a memory map: 100M tokens cost no memory until their pages are read."""
     import numpy as np

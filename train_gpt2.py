@@ -33,7 +33,8 @@ import bookkeeping
 import hellaswag
 from checkpoints import load_checkpoint
 from common import (EOT, GPT2_SHAPES, UserError, autocast, check_tokens, export_directory, get_tokenizer,
-                    gpt2_differences, load_shard, pick_device, resolve_dtype, save_hf_tokenizer, split_paths, what_is)
+                    gpt2_differences, load_shard, pick_device, read_text_file, resolve_dtype, save_hf_tokenizer,
+                    split_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, module names as in Hugging Face so weights map one to one.
@@ -389,13 +390,7 @@ RECIPES = {"gpt2": GPT, "modern": ModernGPT}  # --recipe -> model class
 # Data: token shards (uint16 .npy, written by fineweb.py) or one text file, read as T+1-token windows.
 
 def read_text_tokens(path):
-    if not path.is_file():
-        raise UserError(f"--data {path} is {what_is(path)}, not a text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read text file {path} ({e}): --data takes a UTF-8 .txt file") from None
-    return np.array([EOT] + get_tokenizer().encode_ordinary(text), np.uint16)
+    return np.array([EOT] + get_tokenizer().encode_ordinary(read_text_file(path)), np.uint16)
 
 
 def load_token_arrays(source, split, T, vocab_size=None):
