@@ -6,8 +6,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+
+
+def workplace_files():
+    """The workplace's shared folder (tokenizer files, the Molière corpus), beside this checkout or beside the
+    repository it was cloned from, as .ci/run looks for it; users' machines have none and download instead."""
+    origin = subprocess.run(["git", "config", "--get", "remote.origin.url"], cwd=ROOT, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    for place in (ROOT.parent, Path(origin).parent if origin else None):
+        if place is not None and (place / "shared").is_dir():
+            return place / "shared"
+    return ROOT.parent / "shared"
+
+
+SHARED = workplace_files()
 
 # GPT-2's tokenizer without network where the workplace provides its files (CI and development).
 if (SHARED / "tiktoken").is_dir():

@@ -11,7 +11,7 @@ import torch
 
 import common
 import train_gpt2
-from conftest import TINY, read_log, torchrun_cpu, write_shards
+from conftest import SHARED, TINY, read_log, torchrun_cpu, write_shards
 from train_gpt2 import ShardedLoader, get_lr
 
 ROOT = Path(train_gpt2.__file__).parent
@@ -309,7 +309,7 @@ def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
 
 # -- the quick start's corpus and starting from Hugging Face weights ------------------------------------------
 
-SHARED_MOLIERE = ROOT.parent / "shared" / "data" / "moliere.txt"
+SHARED_MOLIERE = SHARED / "data" / "moliere.txt"
 
 
 def test_moliere_download_checks_the_sha256_and_leaves_nothing_on_failure(tmp_path):
