@@ -27,7 +27,10 @@ WORDS = ("the man takes a ball and throws it to his dog , who runs across green 
 def make_examples(n=12, seed=0):
     """HellaSwag-shaped examples of varied lengths; the last two have 4 equal endings (ties)."""
     rng = random.Random(seed)
-    phrase = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    def phrase(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
     examples = [{"ind": i, "ctx": phrase(2, 40), "endings": [phrase(1, 15) for _ in range(4)],
                  "label": rng.randrange(4)} for i in range(n - 2)]
     examples[1]["endings"][3] = examples[1]["endings"][1]  # two equal endings: argmin must take the first

@@ -91,7 +91,8 @@ def test_out_of_memory_later_names_the_B_and_the_checkpoint_and_loses_nothing(sh
     err = capsys.readouterr().err.strip().splitlines()
     checkpoint = tmp_path / "model_00002.pt"
     assert len(err) == 1 and "Traceback" not in err[0]
-    assert f"out of CPU memory at step 3 with -B 4: continue from {checkpoint} with --resume {checkpoint} -B 2" in err[0]
+    assert (f"out of CPU memory at step 3 with -B 4: continue from {checkpoint} with --resume {checkpoint} -B 2"
+            in err[0])
     monkeypatch.undo()
     train_gpt2.main(args + ["--resume", str(checkpoint), "-B", "2"])  # the message's advice, taken
     train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path / "straight"), "--max_steps", "6",
