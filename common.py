@@ -32,17 +32,29 @@ class UserError(Exception):
 # Files: written under a fresh temporary name, synced, then renamed, so a crash never leaves a torn file under
 # the real name; an output directory is locked while a program writes into it.
 
-def what_is(path):
-    """What a path names, worded to follow "PATH is": for messages about a path that is not what was expected."""
+PATH_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path):
+    """"a file", "a directory", "a FIFO (named pipe)", ... for what is at `path`; None where nothing is. Found by
+    stat, never by opening it: opening a FIFO waits for a writer, forever if none comes. A path the OS refuses (a
+    name over 255 bytes, a file used as a folder, no permission) raises its OSError."""
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
+        return None
+    return next((kind for is_kind, kind in PATH_KINDS if is_kind(mode)), "not a regular file")
+
+
+def what_is(path):
+    """path_kind worded to follow "PATH is", for messages about a path that is not what was expected."""
+    try:
+        return path_kind(path) or "missing (no such file or directory)"
+    except NotADirectoryError:
         return "missing (no such file or directory)"
     except OSError as e:  # a name too long, no permission, a loop of links, ...
         return f"unusable ({e.strerror or e})"
-    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((name for is_kind, name in kinds if is_kind(mode)), "not a regular file")
 
 
 def free_gb(path):

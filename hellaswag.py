@@ -15,7 +15,6 @@ scorer during training, so this file imports nothing of train_gpt2.py (only the 
 import argparse
 import json
 import os
-import stat
 import tempfile
 from itertools import islice
 from pathlib import Path
@@ -28,32 +27,14 @@ import common  # importing it does no work
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DATA_DIR = Path(__file__).resolve().parent / "hellaswag"  # the download cache, beside this script
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints on the hub
+GPT2_NAMES = tuple(common.GPT2_SHAPES)  # OpenAI's checkpoints on the hub
 
 # -----------------------------------------------------------------------------
 # Data: the jsonl files of the HellaSwag repository, one example per line.
 
-# what a path that is not a regular file is, for the messages (os.stat's mode tells)
-KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def path_kind(path):
-    """"a file", "a directory", "a FIFO (named pipe)", ... for what is at `path`; None where nothing is. Found by
-    stat, never by opening it: opening a FIFO waits for a writer, forever if none comes. A path the OS refuses (a
-    name over 255 bytes, a file used as a folder, no permission) raises its OSError."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
-    if stat.S_ISREG(mode):
-        return "a file"
-    return next((kind for is_kind, kind in KINDS if is_kind(mode)), "not a regular file")
-
-
 def data_file_problem(path):
     """Why `path` cannot be read as a jsonl file, or None."""
-    kind = path_kind(path)
+    kind = common.path_kind(path)
     return None if kind == "a file" else f"{kind}, not a jsonl file" if kind else "no such file"
 
 
@@ -284,7 +265,7 @@ def loads_into_our_gpt(config):
 
 
 def model_problem(name):
-    kind = path_kind(name)
+    kind = common.path_kind(name)
     if kind is None and name not in GPT2_NAMES:
         return f"no such file or directory, and not one of {', '.join(GPT2_NAMES)}"
     if kind not in (None, "a file", "a directory"):
@@ -295,10 +276,10 @@ def model_problem(name):
 def json_problem(path):
     """The result is written last: whatever would stop the write must show before the scoring, not after it."""
     path = Path(path)
-    kind = path_kind(path)
+    kind = common.path_kind(path)
     if kind not in (None, "a file"):
         return f"{kind}, not a file"
-    if path_kind(path.parent) != "a directory":
+    if common.path_kind(path.parent) != "a directory":
         return f"{path.parent} is not an existing directory"
     # a trial write: a temp file named as common.atomic_write names its own (.NAME.XXXXXXXX.tmp, 14 bytes longer
     # than the name), so a read-only directory or a name too long shows now
