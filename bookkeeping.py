@@ -23,17 +23,22 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import (StopSignals, check_resume_flags, find_resume_checkpoint, git_commit, list_checkpoints,
-                         load_checkpoint, restore_checkpoint, save_checkpoint)
-from common import GPT2_SHAPES, UserError, atomic_write, autocast, download_moliere, lock_directory, what_is
+from checkpoints import (StopSignals, check_resume_flags, checkpoint_step, find_resume_checkpoint, git_commit,
+                         list_checkpoints, load_checkpoint, restore_checkpoint, save_checkpoint)
+from common import (GPT2_SHAPES, UserError, atomic_write, autocast, download_moliere, first_line, lock_directory,
+                    what_is)
 
 HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
 
-# flags that change what the run computes: a resumed run takes them from its checkpoint, and refuses them changed
-# (max_steps, -B, the data's path and the dtype may change and are said; the loader checks the data is the same)
-MATH_FLAGS = ("recipe", "muon_lr", "embed_lr", "head_lr", "cooldown_frac", "init_from", "model", "n_layer", "n_head",
-              "n_embd", "block_size", "vocab_size", "total_batch_size", "seq_len", "max_lr", "min_lr_ratio",
-              "warmup_steps", "weight_decay", "grad_clip", "seed")
+# What --resume does with each flag; train_gpt2.py's TrainConfig marks every field with one of these
+MATH = "math"  # what the run computes (shape, batch, learning rates, seed): the checkpoint's; a change is refused
+RUN = "run"  # how the run goes (data, steps, evaluations, checkpoints, W&B): the checkpoint's unless given
+MACHINE = "machine"  # the machine it runs on (device, dtype, compile, -B, timeout): never the checkpoint's
+COMMAND = "command"  # what this command line asks for (--resume, --sample; --log_dir: where the run is)
+
+
+def flags_of_kind(cfg, *kinds):
+    return [f.name for f in dataclasses.fields(cfg) if f.metadata["on_resume"] in kinds]
 
 
 def resolve_path(path):
@@ -63,9 +68,11 @@ class Run:
             cfg.micro_batch_size = dividing_micro_batch(cfg, world)
         self.log_dir = Path(cfg.log_dir)
         weights = self.weights
-        validate(cfg, world, weights["config"] if weights else planned_shape(cfg, model_config), self.start_step)
+        self.shape = weights["config"] if weights else planned_shape(cfg, model_config)  # GPTConfig's fields
+        validate(cfg, world, self.shape, self.start_step)
         if self.checkpoint is not None:
-            self.notes = [check_resume_flags(self.checkpoint["args"], cfg, MATH_FLAGS)]
+            self.notes = [check_resume_flags(self.checkpoint["args"], cfg, flags_of_kind(cfg, MATH),
+                                             flags_of_kind(cfg, RUN, MACHINE))]
         else:
             self.notes = []
             if cfg.sample is None and list_checkpoints(self.log_dir):
@@ -238,10 +245,19 @@ def compile_failed(error):
     """torch.compile needs a C compiler and Triton at run time (slim CUDA images lack them): its failure as a
     UserError that says what to do, or None for any other error."""
     if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
-        first = (str(error).splitlines() or [""])[0][:200]
+        first = first_line(error)[:200]
         return UserError(f"torch.compile failed ({type(error).__name__}: {first}): rerun with --compile false, "
                          f"or install a C compiler (e.g. apt install build-essential)")
     return None
+
+
+def check_finite(what, value, step):
+    """A nan or inf loss or gradient norm stops the run where it is: an update from it would make the weights nan,
+    and a checkpoint of them would only be resumed into more nan. The same on every rank (the values are global)."""
+    if not math.isfinite(value):
+        raise UserError(f"the {what} is {value} at step {step}: stopping without saving; the checkpoints in --log_dir "
+                        f"are untouched. Start a new run with a lower learning rate (a --resume keeps the run's), from "
+                        f"one of them with --init_from if you like")
 
 
 def format_seconds(seconds):
@@ -254,27 +270,78 @@ def format_seconds(seconds):
 # Flags: what a resumed run takes from its checkpoint, and every flag checked before any work
 
 def take_flags_from_checkpoints(cfg, given, checkpoint_path, checkpoint, init_checkpoint):
-    """A resumed run takes the flags that change its math, and its --log_dir, from the checkpoint unless they were
-    given: `--resume PATH` alone continues that run, in its own directory. A fine-tuned .pt gives its --recipe."""
+    """A resumed run takes every MATH and RUN flag not given from its checkpoint (never the MACHINE flags), so that
+    `--resume PATH` alone continues that run as it was, in its own directory. A fine-tuned .pt gives its --recipe."""
     if checkpoint is not None:
         saved = checkpoint["args"]
-        for name in MATH_FLAGS:
+        for name in flags_of_kind(cfg, MATH, RUN):
             if name not in given and name in saved:
                 setattr(cfg, name, saved[name])
         if cfg.resume != "latest":
-            own_dir = Path(checkpoint_path).parent
-            if "log_dir" not in given:
-                cfg.log_dir = str(own_dir)
-            elif Path(cfg.log_dir).resolve() != own_dir.resolve() and (list_checkpoints(cfg.log_dir) or
-                                                                       (Path(cfg.log_dir) / "log.txt").exists()):
-                raise UserError(f"--log_dir {cfg.log_dir} holds another run: resuming {checkpoint_path} there would "
-                                f"mix the two; drop --log_dir (the run continues in {own_dir}) or name an empty one")
+            continue_in_own_directory(cfg, given, checkpoint_path, checkpoint["step"])
     if init_checkpoint is not None:
         recipe = init_checkpoint.get("args", {}).get("recipe", "gpt2")
         if "recipe" not in given:
             cfg.recipe = recipe
         elif recipe != cfg.recipe:
             raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
+
+
+def continue_in_own_directory(cfg, given, checkpoint_path, step):
+    """--resume PATH continues in PATH's directory (or an empty --log_dir), never where it would mix with another
+    run, nor over another line of the same run: the checkpoints of later steps that a resume from an older one
+    would overwrite one by one, and its log.txt lines."""
+    own_dir = Path(checkpoint_path).parent
+    if "log_dir" not in given:
+        cfg.log_dir = str(own_dir)
+    elif Path(cfg.log_dir).resolve() != own_dir.resolve() and (list_checkpoints(cfg.log_dir) or
+                                                               (Path(cfg.log_dir) / "log.txt").exists()):
+        raise UserError(f"--log_dir {cfg.log_dir} holds another run: resuming {checkpoint_path} there would "
+                        f"mix the two; drop --log_dir (the run continues in {own_dir}) or name an empty one")
+    later = [p for p in list_checkpoints(cfg.log_dir) if checkpoint_step(p) > step]
+    if later and cfg.sample is None:
+        raise UserError(f"--resume {checkpoint_path}: {cfg.log_dir} also holds checkpoints of later steps "
+                        f"({', '.join(p.name for p in later[:3])}{', ...' if len(later) > 3 else ''}), which "
+                        f"continuing from step {step} would overwrite: resume the newest (--resume {later[-1]}), move "
+                        f"them elsewhere, or continue from step {step} in an empty --log_dir")
+
+
+# the flag that sets the size of each of the model's parameters, by where the parameter is
+SIZED_BY = {"transformer.wpe": "--block_size", "transformer.wte": "--vocab_size", "lm_head": "--vocab_size"}
+
+
+def check_memory(one_layer, config, cfg, world):
+    """One line naming the flag, before anything is allocated, when the run cannot fit in this machine's memory (a
+    traceback of a 6 TB allocation says nothing of --block_size). A lower bound, so that it never refuses a run that
+    fits: training keeps 16 bytes per parameter (float32 weights, gradients, AdamW's two moments) and at least one
+    float32 per channel of each layer's input for every token of a micro-batch; sampling needs the weights alone.
+    one_layer: the model with config's shape but one block, built on the meta device (shapes without memory)."""
+    c, training = config, cfg.sample is None
+    blocks = f"--n_layer {c.n_layer} and --n_embd {c.n_embd}"
+    need = {blocks: 0}  # bytes, by the flags that set them
+    for name, p in one_layer.named_parameters():  # a tied matrix counts once
+        flag = next((f for prefix, f in SIZED_BY.items() if name.startswith(prefix + ".")), None)
+        label = f"{flag} {getattr(c, flag[2:])}" if flag else blocks
+        copies = c.n_layer if name.startswith("transformer.h.") else 1
+        need[label] = need.get(label, 0) + copies * p.numel() * (16 if training else 4)
+    if training:
+        B, T = cfg.micro_batch_size, cfg.seq_len
+        need[f"-B {B} with -T {T}"] = 4 * B * T * c.n_embd * c.n_layer
+    available, where = memory_of(world)
+    if sum(need.values()) > available:
+        label = max(need, key=need.get)
+        raise UserError(f"{label}: the run needs at least {sum(need.values()) / 1e9:,.1f} GB (" +
+                        ("weights, gradients, optimizer state and activations" if training else "weights") +
+                        f"), more than this machine's {available / 1e9:,.1f} GB of {where}: use a smaller "
+                        + " or ".join(word for word in label.split() if word.startswith("-")))
+
+
+def memory_of(world):
+    """(bytes, what) of the memory the run's tensors live in: the GPU's, or the RAM shared by this node's ranks."""
+    if world.device_type == "cuda":
+        return torch.cuda.get_device_properties(world.device).total_memory, "GPU memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "RAM"
 
 
 def dividing_micro_batch(cfg, world):
@@ -286,17 +353,17 @@ def dividing_micro_batch(cfg, world):
 
 
 def planned_shape(cfg, model_config):
-    """The shape the run will train, as a dict, known before any weights are built: from scratch the --model shape
-    with its overrides, else the Hugging Face model's (its config.json, or the hub name's size)."""
+    """The shape the run will train, as a dict of GPTConfig's fields, known before any weights are built: from
+    scratch the --model shape with its overrides, else the Hugging Face model's (its config.json, or the hub name's)."""
     if cfg.init_from == "scratch":
         return dataclasses.asdict(model_config(cfg))
     config_file = Path(cfg.init_from) / "config.json"
     if config_file.is_file():  # a local Hugging Face directory
         c = json.loads(config_file.read_text())
         return {"block_size": c.get("n_positions", 1024), "vocab_size": c.get("vocab_size", 50257),
-                "n_head": c.get("n_head", 12), "n_embd": c.get("n_embd", 768)}
-    _, n_head, n_embd = GPT2_SHAPES.get(cfg.init_from, GPT2_SHAPES["gpt2"])
-    return {"block_size": 1024, "vocab_size": 50257, "n_head": n_head, "n_embd": n_embd}
+                "n_layer": c.get("n_layer", 12), "n_head": c.get("n_head", 12), "n_embd": c.get("n_embd", 768)}
+    n_layer, n_head, n_embd = GPT2_SHAPES.get(cfg.init_from, GPT2_SHAPES["gpt2"])
+    return {"block_size": 1024, "vocab_size": 50257, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
 
 
 def validate(cfg, world, shape, start_step=0):
@@ -432,7 +499,7 @@ def start_wandb(cfg, log_dir, resumed):
         return wandb.init(project=cfg.wandb, name=log_dir.name, id=run_id, resume="allow", dir=str(log_dir),
                           config=dataclasses.asdict(cfg))
     except (OSError, wandb.errors.Error) as e:  # a read-only place, a W&B server that refuses the run, ...
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise UserError(f"W&B could not start its run in {log_dir / 'wandb'} ({first}): fix that, or leave out "
                         f"--wandb") from None
 

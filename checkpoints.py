@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, first_line, print0
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pt$")
 
@@ -75,6 +75,14 @@ def checksum(obj):
     return crc
 
 
+def non_finite(obj, where=""):
+    """The names of the floating-point tensors in a nested dict/list that hold a nan or an inf."""
+    if isinstance(obj, torch.Tensor):
+        return [where] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [name for k, v in items for name in non_finite(v, f"{where}.{k}" if where else str(k))]
+
+
 def gather_objects(obj, world):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if world.world_size == 1:
@@ -91,6 +99,11 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
     failed = None
     if world.is_master:
         model_state, optimizer_state = raw_model.state_dict(), [o.state_dict() for o in optimizers]
+        if bad := non_finite({"model": model_state, "optimizer": optimizer_state}):
+            # a run resumed from such a file would only train nan further: the earlier checkpoints are worth more
+            failed = UserError(f"not saving step {step}: {', '.join(bad[:3])} hold nan or inf. Earlier checkpoints "
+                               f"are intact; lower the learning rate in a new run")
+    if world.is_master and failed is None:
         checkpoint = {
             "model": model_state,  # the uncompiled module: no _orig_mod. or module. prefixes
             "config": dataclasses.asdict(raw_model.config), "step": step, "val_loss": val_loss,
@@ -102,7 +115,7 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
         try:
             atomic_write(path, lambda f: torch.save(checkpoint, f),
                          hint=". Earlier checkpoints are intact: free some space, then continue with --resume")
-            prune_checkpoints(log_dir, cfg.keep_checkpoints)
+            prune_checkpoints(log_dir, cfg.keep_checkpoints, step)
         except UserError as e:
             failed = e
     # every rank learns whether rank 0 succeeded (this also holds them until the file is complete)
@@ -120,9 +133,16 @@ def list_checkpoints(log_dir):
     return [p for _, p in sorted(found)]
 
 
-def prune_checkpoints(log_dir, keep):
+def checkpoint_step(path):
+    """The step in a checkpoint's name: model_00120.pt -> 120."""
+    return int(CHECKPOINT_NAME.match(Path(path).name)[1])
+
+
+def prune_checkpoints(log_dir, keep, step):
+    """Keep the newest `keep` checkpoints up to `step`, the one just written. A checkpoint of a later step is not
+    this run's (a file --resume skipped as corrupt, say): it is never pruned in its place."""
     if keep > 0:
-        for path in list_checkpoints(log_dir)[:-keep]:  # never the newest `keep`
+        for path in [p for p in list_checkpoints(log_dir) if checkpoint_step(p) <= step][:-keep]:
             path.unlink()
 
 
@@ -138,7 +158,7 @@ def load_checkpoint(path, map_location="cpu", for_resume=False):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: torch raises several kinds
-        raise UserError(f"{path} is not a readable checkpoint ({(str(e).splitlines() or [repr(e)])[0]})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
     expected = {**MODEL_KEYS, **(RESUME_KEYS if for_resume else {})}
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (it holds a {type(checkpoint).__name__})")
@@ -164,7 +184,7 @@ def find_resume_checkpoint(log_dir, resume):
         try:
             return path, load_checkpoint(path, for_resume=True)
         except UserError as e:
-            print(f"skipping {e}")
+            print0(f"skipping {e}")  # every rank reads the checkpoint: one of them says so
     raise UserError(f"--resume: none of the checkpoints in {log_dir} is readable")
 
 
@@ -180,15 +200,14 @@ def restore_checkpoint(checkpoint, optimizers, train_loader, world):
     set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)
 
 
-def check_resume_flags(saved, cfg, math_flags):
-    """Refuse flags that would change the run's math; return a note naming those that may change (or None)."""
-    saved = {k: getattr(type(cfg), k) for k in math_flags} | saved  # flags newer than the checkpoint: defaults
+def check_resume_flags(saved, cfg, math_flags, other_flags):
+    """Refuse flags that would change the run's math; return a note naming the others that changed (or None)."""
+    saved = {k: getattr(type(cfg), k) for k in math_flags + other_flags} | saved  # flags newer than the checkpoint
     changed = [f"--{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in math_flags if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise UserError("--resume: these flags differ from the checkpoint's run and would change its math: "
                         + ", ".join(changed) + ". Rerun with the checkpoint's values, or start a new --log_dir")
-    notes = [f"--{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in ("max_steps", "micro_batch_size", "data", "dtype")
-             if k in saved and saved[k] != getattr(cfg, k)]
+    notes = [f"--{k} {saved[k]} -> {getattr(cfg, k)}" for k in other_flags if saved[k] != getattr(cfg, k)]
     return f"resuming with changed {', '.join(notes)}" if notes else None
 
 
@@ -212,9 +231,11 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            # os.write, not print: safe even if the signal arrived in the middle of a print
-            os.write(2, f"\n{name} received: stopping at the next safe point (after this update or evaluation) "
-                        f"to save a checkpoint. Ctrl-C again stops at once, without saving.\n".encode())
+            # torchrun forwards the signal to every rank: rank 0 says so (the others stop just the same). os.write,
+            # not print: safe even if the signal arrived in the middle of a print
+            if int(os.environ.get("RANK", "0")) == 0:
+                os.write(2, f"\n{name} received: stopping at the next safe point (after this update or evaluation) "
+                            f"to save a checkpoint. Ctrl-C again stops at once, without saving.\n".encode())
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 

@@ -28,6 +28,19 @@ class UserError(Exception):
     """Something the user must fix (data, flags, disk space, network): each main() prints it as one line."""
 
 
+def first_line(error):
+    """The first line of an exception's message for a one-line error, or its type's name when the message is empty
+    (str(KeyError()) is "", so an error path that took splitlines()[0] would raise while reporting)."""
+    return next(iter(str(error).splitlines()), "") or type(error).__name__
+
+
+def print0(*text, **kwargs):
+    """print() on rank 0 only (nanochat's print0): under torchrun every rank runs the same code, and a message
+    printed by each of them says the same thing eight times. RANK is torchrun's; a plain process is rank 0."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*text, **kwargs)
+
+
 # -----------------------------------------------------------------------------
 # Files: written under a fresh temporary name, synced, then renamed, so a crash never leaves a torn file under
 # the real name; an output directory is locked while a program writes into it.
@@ -91,7 +104,7 @@ def atomic_write(path, write, hint="", action="write"):
     except (OSError, RuntimeError) as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [repr(e)])[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         if not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT):  # torch.save: RuntimeError
             reason += f"; {free_gb(path):.2f} GB free there"
         raise UserError(f"could not {action} {path} ({reason}){hint}") from None
@@ -251,7 +264,7 @@ def load_shard(path):
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:  # truncated, pickled objects, not .npy at all
-        raise UserError(f"{path} is not a readable .npy shard ({str(e).splitlines()[0]}). "
+        raise UserError(f"{path} is not a readable .npy shard ({first_line(e)}). "
                         f"HINT: regenerate it with `python fineweb.py`") from None
 
 

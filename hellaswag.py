@@ -325,7 +325,7 @@ def load_model(name):
         except (LookupError, TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError) as e:
             # what the loader may not foresee in a file holding something else: other keys, a bare tensor, a
             # config that GPT's own asserts refuse (n_embd % n_head), ... (KeyError and IndexError: LookupErrors)
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            reason = common.first_line(e)
             raise common.UserError(f"{name} is not a checkpoint of train_gpt2.py ({reason})") from None
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported only when needed
 
@@ -334,7 +334,7 @@ def load_model(name):
             return train_gpt2.GPT.from_pretrained(name)
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)  # autocast decides the compute
     except (OSError, ValueError, KeyError) as e:  # offline, no config.json, an architecture transformers lacks
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = common.first_line(e)
         raise common.UserError(f"could not load the Hugging Face model {name} ({reason})") from None
 
 

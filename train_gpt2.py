@@ -31,9 +31,10 @@ from torch.nn import functional as F
 
 import bookkeeping
 import hellaswag
+from bookkeeping import COMMAND, MACHINE, MATH, RUN
 from checkpoints import load_checkpoint
-from common import (EOT, GPT2_SHAPES, UserError, autocast, check_tokens, export_directory, get_tokenizer,
-                    gpt2_differences, load_shard, pick_device, read_text_file, resolve_dtype, save_hf_tokenizer,
+from common import (EOT, GPT2_SHAPES, UserError, autocast, check_tokens, export_directory, first_line, get_tokenizer,
+                    gpt2_differences, load_shard, pick_device, print0, read_text_file, resolve_dtype, save_hf_tokenizer,
                     split_paths)
 
 # -----------------------------------------------------------------------------
@@ -165,7 +166,7 @@ class GPT(nn.Module):
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except OSError as e:  # not on the hub, not cached and offline, or not a model directory
-            raise UserError(f"could not load {name_or_path} ({(str(e).splitlines() or ['?'])[0]}); "
+            raise UserError(f"could not load {name_or_path} ({first_line(e)}); "
                             f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
         if different := gpt2_differences(hf.config):  # a GPT-2 variant: here it would silently compute another thing
             raise UserError(f"{name_or_path}: a GPT-2 variant this GPT does not compute exactly: "
@@ -216,7 +217,7 @@ class GPT(nn.Module):
             model = RECIPES[checkpoint.get("args", {}).get("recipe", "gpt2")](GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
         except (TypeError, RuntimeError, KeyError) as e:  # other keys or shapes than our GPT's, another recipe
-            raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({first_line(e)})") from None
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
@@ -406,7 +407,7 @@ def load_token_arrays(source, split, T, vocab_size=None):
         arrays, names = [load_shard(p) for p in paths], [str(p) for p in paths]
         # fineweb.py's last shard holds what is left: when shorter than one window it has nothing to give
         if len(arrays) > 1 and len(arrays[-1]) < T + 1:
-            print(f"note: skipping {names[-1]}: {len(arrays[-1])} tokens, fewer than one window of T+1 = {T + 1}")
+            print0(f"note: skipping {names[-1]}: {len(arrays[-1])} tokens, fewer than one window of T+1 = {T + 1}")
             arrays, names = arrays[:-1], names[:-1]
     for array, name in zip(arrays, names):
         check_tokens(array, name, T, vocab_size)
@@ -642,76 +643,82 @@ def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype):
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: one table. Each field is a command-line flag (--name) with its help text; a preset is a
-# dict of overrides, and flags given on the command line win over the preset.
+# dict of overrides, and flags given on the command line win over the preset. Each field also says what --resume
+# does with it, so that this table is the one list of which flags are the run's and which the machine's: MATH
+# (what the run computes: the checkpoint's value, a change is refused), RUN (how it goes: the checkpoint's unless
+# given), MACHINE (this machine's, never the checkpoint's) and COMMAND (what this command line asks for).
 
-def knob(default, help_text, **argparse_kwargs):
-    return field(default=default, metadata=dict(help=help_text, **argparse_kwargs))
+
+def knob(default, help_text, on_resume, **argparse_kwargs):
+    return field(default=default, metadata=dict(help=help_text, on_resume=on_resume, **argparse_kwargs))
 
 
 @dataclass
 class TrainConfig:
     # the run
-    preset: str = knob("gpt2-124M", "group of defaults", choices=("gpt2-124M", "moliere"))
+    preset: str = knob("gpt2-124M", "group of defaults", RUN, choices=("gpt2-124M", "moliere"))
     data: str = knob("edu_fineweb10B", "shard directory (python fineweb.py) or a .txt file; relative paths are "
-                     "looked up in the current directory, then beside train_gpt2.py")
-    log_dir: str = knob("log", "log.txt and checkpoints go here (with --resume PATH: PATH's directory)")
+                     "looked up in the current directory, then beside train_gpt2.py", RUN)
+    log_dir: str = knob("log", "log.txt and checkpoints go here (with --resume PATH: PATH's directory)", COMMAND)
     resume: str = knob(None, "continue from this checkpoint, or without PATH the newest in --log_dir; the flags you "
-                       "do not give are the checkpoint's", nargs="?", const="latest", metavar="PATH")
+                       "do not give are the checkpoint's (but the machine's: --device, --dtype, --compile, -B, "
+                       "--dist_timeout)", COMMAND, nargs="?", const="latest", metavar="PATH")
+    sample: str = knob(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
+                       COMMAND, metavar="PROMPT")
+    wandb: str = knob(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
+                      RUN, metavar="PROJECT")
     init_from: str = knob("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
-                          "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)")
+                          "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)", MATH)
     recipe: str = knob("gpt2", "gpt2: GPT-2 exactly (AdamW, cosine schedule); modern: the section 'What changed since "
                        "GPT-2' (rotary, RMSNorm, QK-norm, ReLU², untied soft-capped head, Muon, warmup-stable-decay)",
-                       choices=tuple(RECIPES))
+                       MATH, choices=tuple(RECIPES))
+    seed: int = knob(1337, "seeds the initialisation and the data order", MATH)
     # the model: a GPT-2 shape, each dimension overridable (0 = the shape's own)
-    model: str = knob("gpt2", "GPT-2 shape to start from", choices=tuple(GPT2_SHAPES))
-    n_layer: int = knob(0, "transformer blocks; 0: the --model shape's")
-    n_head: int = knob(0, "attention heads; 0: the --model shape's")
-    n_embd: int = knob(0, "embedding size; 0: the --model shape's")
-    block_size: int = knob(0, "longest context; 0: 1024")
-    vocab_size: int = knob(0, "vocabulary; 0: 50304, GPT-2's 50257 padded to a multiple of 64")
+    model: str = knob("gpt2", "GPT-2 shape to start from", MATH, choices=tuple(GPT2_SHAPES))
+    n_layer: int = knob(0, "transformer blocks; 0: the --model shape's", MATH)
+    n_head: int = knob(0, "attention heads; 0: the --model shape's", MATH)
+    n_embd: int = knob(0, "embedding size; 0: the --model shape's", MATH)
+    block_size: int = knob(0, "longest context; 0: 1024", MATH)
+    vocab_size: int = knob(0, "vocabulary; 0: 50304, GPT-2's 50257 padded to a multiple of 64", MATH)
     # the batch: total_batch_size = micro_batch_size * seq_len * world_size * gradient accumulation steps. The
     # recipe's 2**19 tokens per step is about GPT-3 Small's 0.5M (GPT-3 paper, table 2.1).
-    total_batch_size: int = knob(524288, "tokens per optimizer step")
+    total_batch_size: int = knob(524288, "tokens per optimizer step", MATH)
     micro_batch_size: int = knob(64, "sequences per forward pass on each GPU; not given, a GPU takes the largest "
-                                 "of this, half of it, ... that fits in its memory", flags=("-B",))
-    seq_len: int = knob(1024, "tokens per sequence", flags=("-T",))
+                                 "of this, half of it, ... that fits in its memory", MACHINE, flags=("-B",))
+    seq_len: int = knob(1024, "tokens per sequence", MATH, flags=("-T",))
     # optimization (GPT-3 paper, table 2.1 and appendix B): 375M tokens of warmup and 10B tokens in all, at 2**19
     # tokens per step, are the recipe's 715 and 19073 steps
-    max_lr: float = knob(6e-4, "peak learning rate (gpt2 recipe)")
-    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)")
+    max_lr: float = knob(6e-4, "peak learning rate (gpt2 recipe)", MATH)
+    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)", MATH)
     # the modern recipe: a peak learning rate per optimizer group. Muon's and modded-nanogpt's published values,
     # and the best of a sweep (each one 2x and 0.5x, 4x and 0.25x) on Moliere and on a second corpus:
     # results/README.md
-    muon_lr: float = knob(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)")
-    embed_lr: float = knob(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)")
-    head_lr: float = knob(0.008, "AdamW's peak learning rate for the head (modern recipe)")
-    cooldown_frac: float = knob(0.3, "the LR decays linearly to 0 over this last fraction of the steps (modern recipe)")
-    warmup_steps: int = knob(715, "steps of linear warmup")
-    max_steps: int = knob(19073, "optimizer steps")
+    muon_lr: float = knob(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)", MATH)
+    embed_lr: float = knob(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)", MATH)
+    head_lr: float = knob(0.008, "AdamW's peak learning rate for the head (modern recipe)", MATH)
+    cooldown_frac: float = knob(0.3, "the LR decays linearly to 0 over this last fraction of the steps (modern "
+                                "recipe)", MATH)
+    warmup_steps: int = knob(715, "steps of linear warmup", MATH)
+    max_steps: int = knob(19073, "optimizer steps", RUN)
     lr_horizon: int = knob(0, "step at which the cosine reaches min_lr; 0: --max_steps of the run's first "
-                           "start. Kept on --resume, so a larger --max_steps continues at min_lr")
-    weight_decay: float = knob(0.1, "weight decay on the matrices (AdamW; Muon's in the modern recipe)")
-    grad_clip: float = knob(1.0, "clip the gradient's global norm to this (0: no clipping)")
+                           "start. Kept on --resume, so a larger --max_steps continues at min_lr", RUN)
+    weight_decay: float = knob(0.1, "weight decay on the matrices (AdamW; Muon's in the modern recipe)", MATH)
+    grad_clip: float = knob(1.0, "clip the gradient's global norm to this (0: no clipping)", MATH)
     # evaluation and checkpoints (0 turns any of them off)
-    eval_every: int = knob(250, "steps between val loss measurements")
-    val_tokens: int = knob(10485760, "val tokens per measurement, in total across ranks")
-    hellaswag_every: int = knob(250, "steps between HellaSwag evaluations")
-    hellaswag_data: str = knob(None, "a local HellaSwag jsonl instead of the download")
-    sample_every: int = knob(250, "steps between printed samples")
-    prompt: str = knob("Hello, I'm a language model,", "the samples' prompt")
-    checkpoint_every: int = knob(5000, "steps between checkpoints (also one at the end)")
-    keep_checkpoints: int = knob(3, "keep the newest N checkpoints (0: keep all)")
+    eval_every: int = knob(250, "steps between val loss measurements", RUN)
+    val_tokens: int = knob(10485760, "val tokens per measurement, in total across ranks", RUN)
+    hellaswag_every: int = knob(250, "steps between HellaSwag evaluations", RUN)
+    hellaswag_data: str = knob(None, "a local HellaSwag jsonl instead of the download", RUN)
+    sample_every: int = knob(250, "steps between printed samples", RUN)
+    prompt: str = knob("Hello, I'm a language model,", "the samples' prompt", RUN)
+    checkpoint_every: int = knob(5000, "steps between checkpoints (also one at the end)", RUN)
+    keep_checkpoints: int = knob(3, "keep the newest N checkpoints (0: keep all)", RUN)
     # the machine
-    compile: str = knob("auto", "torch.compile the model (auto: on CUDA)", choices=("auto", "true", "false"))
-    device: str = knob("auto", "auto: cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+    compile: str = knob("auto", "torch.compile the model (auto: on CUDA)", MACHINE, choices=("auto", "true", "false"))
+    device: str = knob("auto", "auto: cuda, then mps, then cpu", MACHINE, choices=("auto", "cuda", "mps", "cpu"))
     dtype: str = knob("auto", "auto: bfloat16 on CUDA GPUs of compute capability 8.0+ and CPUs with native bf16",
-                      choices=("auto", "bfloat16", "float32"))
-    dist_timeout: int = knob(600, "seconds a rank waits for the others in a collective before failing")
-    seed: int = knob(1337, "seeds the initialisation and the data order")
-    sample: str = knob(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
-                       metavar="PROMPT")
-    wandb: str = knob(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
-                      metavar="PROJECT")
+                      MACHINE, choices=("auto", "bfloat16", "float32"))
+    dist_timeout: int = knob(600, "seconds a rank waits for the others in a collective before failing", MACHINE)
 
 
 PRESETS = {
@@ -735,6 +742,7 @@ def parse_args(argv=None):
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         flags = meta.pop("flags", ())
+        del meta["on_resume"]
         default = preset.get(f.name, f.default)
         kind = {} if "nargs" in meta else {"type": f.type}
         meta["help"] += "" if default is None else f" (default: {default})"
@@ -787,10 +795,9 @@ def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, wor
             loss_accum += loss.detach()
             loss.backward()
     loss_mean = all_reduce_mean(loss_accum.item(), world)
-    if not math.isfinite(loss_mean):  # every rank sees the same mean, so every rank stops here
-        raise UserError(f"the loss is {loss_mean} at step {step}: stopping without saving. The checkpoints in "
-                        f"--log_dir are untouched: --resume from one with a lower --max_lr")
+    bookkeeping.check_finite("loss", loss_mean, step)  # every rank sees the same mean, so every rank stops here
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    bookkeeping.check_finite("gradient norm", norm.item(), step)  # an update by an inf gradient makes weights nan
     multiplier = schedule(cfg)(step, cfg.lr_horizon)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -820,6 +827,7 @@ def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader
             if run.stop_requested():  # on any rank: every rank saves the state as it is, before this step's update
                 return run.stopped(step, raw_model, optimizers, train_loader)
             run.val_loss = all_reduce_mean(loss, world)  # (also goes into the checkpoints)
+            bookkeeping.check_finite("val loss", run.val_loss, step)  # before the checkpoint of this state
             run.record(step, "val", run.val_loss)
         if due(cfg.hellaswag_every, step, last_step):
             n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, world, max(1, B // 4), dtype, run.stopping)
@@ -861,6 +869,10 @@ def train(cfg, world, given=()):
     # before any work the checkpoint to resume or fine-tune from is read and every flag checked (bookkeeping.py)
     run = bookkeeping.Run(cfg, given, world, model_config, schedule)
     run.dtype = dtype = resolve_dtype(cfg.dtype, world.device_type)
+    config = GPTConfig(**run.shape)
+    with torch.device("meta"):  # the shapes of one block's parameters and the rest, without their memory
+        one_layer = RECIPES[cfg.recipe](dataclasses.replace(config, n_layer=1))
+    bookkeeping.check_memory(one_layer, config, cfg, world)  # refused in one line if it cannot fit
     raw_model = create_model(cfg, run.weights).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
         return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None

@@ -212,3 +212,143 @@ def test_two_ranks_resume_on_one_with_twice_the_accumulation(shards, tmp_path):
     for key in straight:  # same data order; the sums differ only in float rounding
         assert abs(float(resumed[key]) - float(straight[key])) <= 1e-4, key
     assert "# resume" in (tmp_path / "b" / "log.txt").read_text()
+
+
+# -- what a resume keeps, and what pruning may delete ----------------------------------------------------------
+
+def checkpoint_names(log_dir):
+    return sorted(p.name for p in log_dir.glob("model_*.pt"))
+
+
+def test_a_resume_from_an_older_checkpoint_never_deletes_what_it_saves(shards, tmp_path, capsys):
+    """Pruning kept the highest step numbers: a resume from step 10 of a run that reached 20 deleted the model_00012.pt
+    it had just written and announced. Resuming in the same directory is refused (the later checkpoints would be
+    overwritten one by one); in an empty --log_dir the branch runs and keeps its own newest file."""
+    log_dir = tmp_path / "a"
+    run(shards, log_dir, "--max_steps", "20", "--checkpoint_every", "5", "--keep_checkpoints", "0")
+    with pytest.raises(SystemExit):
+        run(shards, log_dir, "--resume", str(log_dir / "model_00010.pt"), "--max_steps", "12", "--keep_checkpoints",
+            "1", "--checkpoint_every", "5")
+    err = capsys.readouterr().err
+    assert "later steps (model_00015.pt, model_00020.pt)" in err and f"--resume {log_dir / 'model_00020.pt'}" in err
+    assert checkpoint_names(log_dir) == [f"model_{s:05d}.pt" for s in (5, 10, 15, 20)]  # nothing touched
+    branch = tmp_path / "branch"
+    train_gpt2.main(["--resume", str(log_dir / "model_00010.pt"), "--max_steps", "12", "--keep_checkpoints", "1",
+                     "--log_dir", str(branch)])
+    out = capsys.readouterr().out
+    assert f"saved {branch / 'model_00012.pt'}" in out and checkpoint_names(branch) == ["model_00012.pt"]
+    assert len(checkpoint_names(log_dir)) == 4
+
+
+def test_pruning_keeps_the_new_checkpoint_over_a_later_one_resume_skipped(shards, tmp_path, capsys):
+    """--resume passes over a corrupt newest checkpoint to the one before; the later file is not this run's to count:
+    keeping 1 kept it and deleted the checkpoint just written."""
+    run(shards, tmp_path, "--max_steps", "15", "--checkpoint_every", "5", "--keep_checkpoints", "0")
+    corrupt = tmp_path / "model_00015.pt"
+    corrupt.write_bytes(corrupt.read_bytes()[:-100])  # torn
+    run(shards, tmp_path, "--resume", "--max_steps", "12", "--keep_checkpoints", "1", "--checkpoint_every", "5")
+    out = capsys.readouterr().out
+    assert "skipping" in out and f"saved {tmp_path / 'model_00012.pt'}" in out
+    assert checkpoint_names(tmp_path) == ["model_00012.pt", "model_00015.pt"]  # the run's newest, and the other one
+    assert checkpoints.load_checkpoint(tmp_path / "model_00012.pt")["step"] == 12
+
+
+def test_resume_takes_every_flag_of_the_run_from_its_checkpoint(shards, tmp_path, capsys):
+    """Only the math flags and --log_dir came from the checkpoint: --keep_checkpoints fell back to 3 (model_00002.pt
+    and model_00004.pt were deleted without a word), --data to edu_fineweb10B, --eval_every to 250. Now every flag not
+    given is the checkpoint's, except the machine's, and a flag given that differs is said."""
+    run(shards, tmp_path, "--max_steps", "8", "--checkpoint_every", "2", "--keep_checkpoints", "0",
+        "--eval_every", "3", "--val_tokens", "128")
+    train_gpt2.main(["--resume", str(tmp_path / "model_00008.pt"), "--max_steps", "12", "--device", "cpu",
+                     "--dtype", "float32", "-B", "4"])
+    out = capsys.readouterr().out
+    assert "resuming with changed --max_steps 8 -> 12\n" in out  # and nothing else changed
+    assert checkpoint_names(tmp_path) == [f"model_{s:05d}.pt" for s in (2, 4, 6, 8, 10, 12)]  # keep 0, every 2
+    log = read_log(tmp_path / "log.txt")
+    assert {s for s, kind in log if kind == "val"} == {0, 3, 6, 8, 9, 12}  # every 3 and at the end of each start
+    straight = run(shards, tmp_path / "straight", "--max_steps", "12", "--checkpoint_every", "2", "--eval_every", "3",
+                   "--val_tokens", "128", "--lr_horizon", "8")
+    assert log[12, "val"] == straight[12, "val"]  # the same 128 val tokens of the same shards
+    train_gpt2.main(["--resume", str(tmp_path / "model_00012.pt"), "--max_steps", "13", "--keep_checkpoints", "2",
+                     "--device", "cpu", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    # -B not given: the machine's default (64, halved until it divides the batch), not the checkpoint's 4
+    assert "resuming with changed --micro_batch_size 4 -> 8, --max_steps 12 -> 13, --keep_checkpoints 0 -> 2" in out
+    assert checkpoint_names(tmp_path) == ["model_00012.pt", "model_00013.pt"]
+
+
+def test_the_table_says_what_resume_does_with_each_flag():
+    """One list: the fields of TrainConfig, each marked; the machine's are the ones the issue names."""
+    kinds = {f.name: f.metadata["on_resume"] for f in train_gpt2.dataclasses.fields(train_gpt2.TrainConfig)}
+    assert set(kinds.values()) == {"math", "run", "machine", "command"}
+    assert {k for k, v in kinds.items() if v == "machine"} == {"device", "dtype", "compile", "micro_batch_size",
+                                                               "dist_timeout"}
+    assert {k for k, v in kinds.items() if v == "command"} == {"resume", "sample", "log_dir"}
+
+
+# -- a diverged run is never saved or reported as a success -------------------------------------------------------
+
+def test_a_nan_val_loss_stops_without_saving(shards, tmp_path, capsys):
+    """The issue's run: val loss nan at step 1, then `saved model_00001.pt` and exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(shards, tmp_path, "--max_lr", "1e9", "--warmup_steps", "0", "--max_steps", "1", "--checkpoint_every", "1",
+            "--eval_every", "1")
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert "the val loss is nan at step 1: stopping without saving" in err and len(err.splitlines()) == 1
+    assert checkpoint_names(tmp_path) == []
+
+
+def test_a_nan_val_loss_mid_run_leaves_the_earlier_checkpoints_as_they_were(shards, tmp_path, monkeypatch, capsys):
+    """At a step that both evaluates and saves, the nan val loss was saved with the state (and the run went on)."""
+    real = train_gpt2.evaluate_val
+    calls = []
+
+    def nan_on_the_third(*args, **kwargs):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else real(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt2, "evaluate_val", nan_on_the_third)
+    with pytest.raises(SystemExit):
+        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "3", "--eval_every", "3",
+            "--keep_checkpoints", "0")
+    assert "the val loss is nan at step 6" in capsys.readouterr().err
+    assert checkpoint_names(tmp_path) == ["model_00003.pt"]
+    assert checkpoints.load_checkpoint(tmp_path / "model_00003.pt", for_resume=True)["val_loss"] < 10
+
+
+def test_an_inf_gradient_stops_before_the_update_and_no_nan_weights_are_saved(shards, tmp_path, monkeypatch, capsys):
+    """A finite loss with an inf gradient: the update made every weight nan, and the next step's checkpoint (saved
+    before its loss is known) held them."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def inf_on_the_fourth(parameters, max_norm):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 4:
+            parameters[0].grad[0, 0] = float("inf")
+        return real(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_on_the_fourth)
+    with pytest.raises(SystemExit):
+        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "1", "--eval_every", "0",
+            "--keep_checkpoints", "0")
+    assert "the gradient norm is inf at step 3" in capsys.readouterr().err
+    assert checkpoint_names(tmp_path)[-1] == "model_00003.pt"
+    for path in tmp_path.glob("model_*.pt"):
+        assert all(torch.isfinite(t).all() for t in GPT.from_checkpoint(path).state_dict().values()), path
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(shards, tmp_path):
+    cfg, _ = train_gpt2.parse_args(TINY)
+    world = train_gpt2.DistInfo(0, 0, 1, "cpu", "cpu", True)
+    model = GPT(train_gpt2.GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    (tmp_path / "log").mkdir()
+    optimizers = model.configure_optimizers(0.1, 1e-3, "cpu")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 4] = float("nan")
+    loader = ShardedLoader(shards, 4, 32, "train")
+    with pytest.raises(common.UserError, match=r"not saving step 5: model.transformer.h.1.mlp.c_fc.weight hold nan"):
+        checkpoints.save_checkpoint(tmp_path / "log", 5, model, optimizers, loader, 3.0, cfg, world)
+    assert list((tmp_path / "log").iterdir()) == []

@@ -406,3 +406,59 @@ def test_peak_flops_knows_the_variants_before_their_base_names(monkeypatch):
     for name, flops in expected.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert train_gpt2.peak_flops(world) == flops, name
+
+
+# -- a model too large for the machine, error paths that must not fail themselves, messages under torchrun ------
+
+@pytest.mark.parametrize("flags, named", [
+    (["--block_size", "2000000000"], "--block_size 2000000000: the run needs at least"),  # a 256 GB allocation failed
+    (["--vocab_size", "3000000000"], "--vocab_size 3000000000: the run needs at least"),
+    (["--n_layer", "100000", "--n_embd", "1024", "--n_head", "16"], "--n_layer 100000 and --n_embd 1024: the run"),
+    (["-B", str(2**26), "--total_batch_size", str(2**31)], f"-B {2**26} with -T 32: the run needs at least"),
+    (["--block_size", "2000000000", "--sample", "Hello"], "the run needs at least 256.0 GB (weights)"),
+])
+def test_a_model_that_cannot_fit_in_memory_is_one_line_before_allocating(tmp_path, capsys, flags, named):
+    message = error_of(capsys, *TINY, "--data", str(tmp_path / "unused.txt"), "--log_dir", str(tmp_path / "log"),
+                       *flags)
+    assert named in message and "GB of RAM: use a smaller" in message and not (tmp_path / "log").exists()
+
+
+def raise_without_a_message(*args, **kwargs):
+    raise ValueError()
+
+
+def test_an_exception_with_an_empty_message_still_gives_one_line(shards, tmp_path, monkeypatch):
+    """Two error paths took str(e).splitlines()[0] and raised IndexError while reporting an empty-message error."""
+    monkeypatch.setattr(np, "load", raise_without_a_message)
+    with pytest.raises(common.UserError, match=r"is not a readable .npy shard \(ValueError\)"):
+        common.load_shard(shards / "edufineweb_val_000000.npy")
+    monkeypatch.undo()
+    train(shards, tmp_path, "--max_steps", "2", "--warmup_steps", "1", "--checkpoint_every", "2")
+    monkeypatch.setattr(train_gpt2.GPT, "load_state_dict", lambda self, state: (_ for _ in ()).throw(KeyError()))
+    with pytest.raises(common.UserError, match=r"is not a checkpoint of train_gpt2.py's GPT \(KeyError\)"):
+        train_gpt2.GPT.from_checkpoint(tmp_path / "model_00002.pt")
+    assert common.first_line(OSError("first\nsecond")) == "first"
+
+
+@pytest.mark.slow
+def test_each_message_prints_once_under_torchrun(tmp_path):
+    """The note on a short last shard and the one on a corrupt checkpoint were printed by every rank."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = write_shards(tmp_path / "d", [1000, 3000, 3000, 20])  # the last shard: less than T+1 = 33 tokens
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "train_gpt2.py"), *TINY, "--data", str(data), "--log_dir", str(tmp_path / "log"),
+            "--max_steps", "4", "--warmup_steps", "1", "--checkpoint_every", "2", "--keep_checkpoints", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    newest = tmp_path / "log" / "model_00004.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    second = subprocess.run(args + ["--resume", "--max_steps", "6"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert first.stdout.count("note: skipping") == 1 and second.stdout.count("note: skipping") == 1
+    assert second.stdout.count("model_00004.pt is not a readable checkpoint") == 1

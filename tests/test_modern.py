@@ -194,12 +194,13 @@ def test_extending_a_wsd_run_from_before_the_decay_and_refusing_past_the_horizon
     err = capsys.readouterr().err
     assert "resume from a checkpoint before the decay (step <= 4)" in err and "--lr_horizon 12" in err
     # a new horizon from a checkpoint inside the decay would change steps already taken: refused
+    # (each branch from an earlier checkpoint continues in a directory of its own: the run's model_00008.pt stays)
     with pytest.raises(SystemExit):
-        run(shards, tmp_path, *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
+        run(shards, tmp_path / "from_6", *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
             str(tmp_path / "model_00006.pt"))
     assert "would change the learning rate" in capsys.readouterr().err
     # from step 4's checkpoint (before the decay) with --lr_horizon 16: constant LR on, no jump, decay at 8..15
-    run(shards, tmp_path, *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
+    run(shards, tmp_path / "from_4", *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
         str(tmp_path / "model_00004.pt"))
     later = lrs_of(capsys.readouterr().out)
     assert sorted(later) == list(range(4, 16))

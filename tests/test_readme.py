@@ -74,6 +74,9 @@ def test_the_readme_runs_as_written_on_a_cpu(tmp_path, monkeypatch, capsys):
     assert "plot.py log_moliere/log.txt" in ran
     gpt2 = read_log(tmp_path / "log_moliere" / "log.txt")
     modern = read_log(tmp_path / "log_moliere_modern" / "log.txt")
-    assert (400, "val") in gpt2 and (400, "val") in modern  # both carried on to 400 steps, each in its own directory
+    extended = read_log(tmp_path / "log_moliere_modern_400" / "log.txt")
+    assert (400, "val") in gpt2 and (200, "val") in modern  # each in its own directory
+    assert min(extended)[0] == 100 and (400, "val") in extended  # the branch from step 100 carried on to 400
+    assert (tmp_path / "log_moliere_modern" / "model_00200.pt").is_file()  # and left the run it came from whole
     assert "> harpagon:" in out and (tmp_path / "moliere-gpt" / "tokenizer.json").is_file()
     assert (tmp_path / "log_moliere" / "val_loss.png").is_file() and (tmp_path / "my_shards").is_dir()

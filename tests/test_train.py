@@ -443,15 +443,15 @@ def test_resume_path_continues_in_its_own_directory_with_its_recipe(shards, tmp_
     gpt2_log = (tmp_path / "log_moliere" / "log.txt").read_text()
     capsys.readouterr()
     train_gpt2.main(["--preset", "moliere", "--resume", "log_moliere_modern/model_00002.pt", *tiny,
-                     "--lr_horizon", "6", "--max_steps", "6"])
+                     "--log_dir", "log_moliere_modern_6", "--lr_horizon", "6", "--max_steps", "6"])
     out = capsys.readouterr().out
     assert "resumed from log_moliere_modern/model_00002.pt at step 2" in out and "linear decay to 0 at step 6" in out
     assert (tmp_path / "log_moliere" / "log.txt").read_text() == gpt2_log  # the gpt2 run untouched
     assert sorted(p.name for p in (tmp_path / "log_moliere").glob("model_*.pt")) == ["model_00002.pt",
                                                                                      "model_00004.pt"]
-    assert (6, "val") in read_log(tmp_path / "log_moliere_modern" / "log.txt")
+    assert (6, "val") in read_log(tmp_path / "log_moliere_modern_6" / "log.txt")
     # sampling from it needs no --recipe either
-    train_gpt2.main(["--resume", "log_moliere_modern/model_00006.pt", "--sample", "A", "--device", "cpu"])
+    train_gpt2.main(["--resume", "log_moliere_modern_6/model_00006.pt", "--sample", "A", "--device", "cpu"])
     assert capsys.readouterr().out.count("> A") == 4  # ("A" is GPT-2's id 32: inside the tiny vocabulary)
 
 
