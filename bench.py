@@ -70,12 +70,6 @@ def median_time(fn, steps, warmup, sync):
     return statistics.median(times)
 
 
-def is_oom(e):
-    """torch.cuda.OutOfMemoryError, or a RuntimeError saying the same (CPU allocator, MPS, older torch)."""
-    text = str(e)
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
 def no_attention_kernel(e):
     """torch's words saying that the forced --attention backend has no kernel for this device, dtype or shape (under
     torch.compile they come quoted inside Dynamo's message), or None."""
@@ -90,7 +84,7 @@ def guarded(row, metric, measure):
     try:
         row = {**row, **measure()}
     except RuntimeError as e:
-        if is_oom(e):
+        if bookkeeping.is_out_of_memory(e):
             row = {**row, metric: "OOM"}
         elif no_attention_kernel(e):
             row = {**row, metric: None, "error": f"attention backend unavailable here: {no_attention_kernel(e)}"}
@@ -151,7 +145,8 @@ class SyntheticLoader:
     train_gpt2.train_step draws each micro-step (and copies to the device itself, as in training)."""
 
     def __init__(self, B, T, vocab_size, seed=0):
-        self.B, self.T, self.vocab_size = B, T, vocab_size
+        self.B, self.T = B, T
+        self.vocab_size = min(vocab_size, common.GPT2_VOCAB)  # GPT-2's ids: a padded id is never a target
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self):
@@ -166,7 +161,7 @@ def plain_loss(model, x, y):
 
 
 def loss_kind(device_type, use_compile):
-    """model(x, y) chunks its loss (train_gpt2.VocabCrossEntropy) only on a CPU in eager mode."""
+    """model(x, y) chunks its loss (train_gpt2.vocab_cross_entropy) only on a CPU in eager mode."""
     return "plain" if use_compile or device_type != "cpu" else "chunked"
 
 
@@ -193,8 +188,10 @@ def bench_recipe(args, world, dtype, recipe, attention):
                        n_embd=args.n_embd)
     torch.manual_seed(0)
     raw_model = train_gpt2.RECIPES[recipe](config).to(world.device)
-    lrs = {"embed_lr": 0.2, "head_lr": 0.008} if recipe == "modern" else {}
-    optimizers = raw_model.configure_optimizers(0.1, 1e-4, world.device_type, **lrs)  # [AdamW] or [Muon, AdamW]
+    cfg = train_gpt2.TrainConfig()  # the recipe's learning rates (the step rows set each group's lr from them)
+    lrs = {"embed_lr": cfg.embed_lr, "head_lr": cfg.head_lr} if recipe == "modern" else {}
+    optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr if recipe == "gpt2" else cfg.muon_lr,
+                                                world.device_type, **lrs)  # [AdamW] or [Muon, AdamW]
     base = {"recipe": recipe, "attention": attention, "dtype": dtype,
             "shape": f"{args.n_layer}x{args.n_embd} B={args.B} T={args.T}"}
     rows = []
@@ -215,15 +212,15 @@ def measure_step(step, tokens, raw_model, args, world):
     first = time.perf_counter() - t0
     seconds = median_time(step, args.steps, warmup=2, sync=world.synchronize)
     tokens_per_s = tokens / seconds
-    flops, peak = train_gpt2.flops_per_token(raw_model, args.T), train_gpt2.peak_flops(world)
+    mfu = train_gpt2.estimate_mfu(raw_model, args.T, tokens_per_s, world)
     return {"tokens_per_s": round(tokens_per_s), "step_s": float(f"{seconds:.4g}"), "first_step_s": round(first, 1),
-            "mfu": round(100 * flops * tokens_per_s / peak, 1) if peak else None, **peak_memory(world, was_reset)}
+            "mfu": round(mfu, 1) if mfu else None, **peak_memory(world, was_reset)}
 
 
 def micro_step_rows(args, world, dtype, raw_model, optimizers, base):
     """One B x T forward and backward, clipping and the optimizer step: what a micro-batch costs, for each
     --compile and loss computation."""
-    x, y = (t.to(world.device) for t in SyntheticLoader(args.B, args.T, min(args.vocab_size, 50257)).next_batch())
+    x, y = (t.to(world.device) for t in SyntheticLoader(args.B, args.T, args.vocab_size).next_batch())
     rows = []
     for use_compile in args.compile:
         for forward_name, kind, forward in losses_to_time(raw_model, world.device_type, use_compile):
@@ -258,8 +255,8 @@ def real_step_rows(args, world, dtype, raw_model, optimizers, base):
     grad_accum_steps = args.total_batch_size // (B * T)
     cfg = train_gpt2.TrainConfig(recipe=base["recipe"], total_batch_size=args.total_batch_size, micro_batch_size=B,
                                  seq_len=T)
-    cfg.lr_horizon = cfg.max_steps  # as a fresh run's (train_gpt2.resolve_schedule)
-    loader = SyntheticLoader(B, T, min(args.vocab_size, 50257))  # GPT-2's ids: the padding is never a target
+    cfg.lr_horizon = cfg.max_steps  # as a fresh run's (bookkeeping.settle)
+    loader = SyntheticLoader(B, T, args.vocab_size)
     label = (f"real step: train_gpt2.train_step, {grad_accum_steps} micro-steps of {B}x{T} = "
              f"{count_text(args.total_batch_size)} tokens")
     rows = []
@@ -295,7 +292,7 @@ def bench_loader(args):
         for i in range(3):  # a small val shard and two train shards of --shard_tokens each
             n = 1_000_000 if i == 0 else args.shard_tokens
             np.save(Path(directory) / f"bench_{'val' if i == 0 else 'train'}_{i:06d}.npy",
-                    np.random.default_rng(i).integers(0, 50257, n, dtype=np.uint16))
+                    np.random.default_rng(i).integers(0, common.GPT2_VOCAB, n, dtype=np.uint16))
         loader = train_gpt2.ShardedLoader(directory, 64, 1024, "train")
         loader.next_batch()
         start, peak = anonymous_memory_mb(), 0.0
@@ -361,8 +358,8 @@ def bench_hellaswag(args, world, dtype):
         synthetic_examples(args.examples)
     rendered = [hellaswag.render_example(e) for e in examples]
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, vocab_size=50257, n_layer=args.n_layer, n_head=args.n_head,
-                                    n_embd=args.n_embd))
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, vocab_size=common.GPT2_VOCAB, n_layer=args.n_layer,
+                                    n_head=args.n_head, n_embd=args.n_embd))
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         cli_model = hellaswag.load_model(directory)  # what `hellaswag.py -m DIR` scores with

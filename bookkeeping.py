@@ -1,12 +1,14 @@
 """
-A training run's bookkeeping, for train_gpt2.py: the operations its loop calls but a reader of the lesson need not
-see inline.
+A training run's bookkeeping, for train_gpt2.py: the operations its training section calls but a reader of the
+lesson need not see inline. In the order a run meets them:
 
-- Before any work: the checkpoint to resume (or to fine-tune from) is read, the flags the user did not give are
-  taken from it, and every flag is checked, so that a mistake costs seconds, not a GPU-hour.
-- The learning-rate horizon on resume: a longer run never makes the learning rate jump back up.
-- log.txt and Weights & Biases, the lock that keeps two runs out of one --log_dir, stop signals, the progress line.
-- A micro-batch that fits the GPU, and one line instead of a traceback when memory or the compiler fails.
+- settle(): before any work, the checkpoint to resume (or to fine-tune from) is read and the flags a resume keeps
+  are taken from it. It returns a new config and Start, a small frozen record of where the run begins.
+- check_flags() and check_memory(): every flag checked at once, and a model too big for the machine named before it
+  is built, so that a mistake costs seconds, not a GPU-hour. The learning-rate horizon of a resume is checked there.
+- Run: the loop's side effects, as a context manager: the --log_dir lock, log.txt and W&B, stop signals (SIGTERM,
+  Ctrl-C), the progress line, checkpoints, and one line instead of a traceback when memory or the compiler fails.
+- A micro-batch that fits the GPU.
 
 Everything here takes the config, the DistInfo (`world`) and the model as arguments: this module never imports
 train_gpt2.py, so imports run one way.
@@ -18,15 +20,17 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from checkpoints import (StopSignals, check_resume_flags, checkpoint_step, find_resume_checkpoint, git_commit,
-                         list_checkpoints, load_checkpoint, restore_checkpoint, save_checkpoint)
-from common import (GPT2_SHAPES, UserError, atomic_write, autocast, download_moliere, first_line, lock_directory,
-                    what_is)
+from checkpoints import (check_resume_flags, checkpoint_step, find_resume_checkpoint, git_commit, list_checkpoints,
+                         load_checkpoint, save_checkpoint)
+from common import (UserError, all_reduce, atomic_write, autocast, download_moliere, first_line, lock_directory,
+                    print0, what_is)
 
 HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
 
@@ -48,275 +52,226 @@ def resolve_path(path):
     return path if path.is_absolute() or path.exists() else HERE / path
 
 
-class Run:
-    """One run of train_gpt2.py. Created before any work: it reads the checkpoint to resume or fine-tune from and
-    checks every flag (nothing is written yet, so --sample can use it too). As a context manager it holds the
-    --log_dir lock, log.txt (and W&B) and the stop signals for the training loop."""
-
-    def __init__(self, cfg, given, world, model_config, schedule):
-        """model_config(cfg) and schedule(cfg): train_gpt2.py's, called once the flags a resumed run takes from its
-        checkpoint are in place."""
-        self.cfg, self.world, self.dtype = cfg, world, None
-        self.checkpoint_path, self.checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume) if cfg.resume \
-            else (None, None)
-        self.init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from.endswith(".pt") and not cfg.resume \
-            else None
-        self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
-        self.val_loss = self.checkpoint["val_loss"] if self.checkpoint is not None else None
-        take_flags_from_checkpoints(cfg, given, self.checkpoint_path, self.checkpoint, self.init_checkpoint)
-        if "micro_batch_size" not in given:
-            cfg.micro_batch_size = dividing_micro_batch(cfg, world)
-        self.log_dir = Path(cfg.log_dir)
-        weights = self.weights
-        self.shape = weights["config"] if weights else planned_shape(cfg, model_config)  # GPTConfig's fields
-        validate(cfg, world, self.shape, self.start_step)
-        if self.checkpoint is not None:
-            self.notes = [check_resume_flags(self.checkpoint["args"], cfg, flags_of_kind(cfg, MATH),
-                                             flags_of_kind(cfg, RUN, MACHINE))]
-        else:
-            self.notes = []
-            if cfg.sample is None and list_checkpoints(self.log_dir):
-                raise UserError(f"{self.log_dir} holds checkpoints of an earlier run: continue it with --resume, "
-                                f"or start a new run with another --log_dir")
-        if cfg.sample is None:  # (sampling trains nothing: no schedule to keep)
-            self.notes.append(resolve_schedule(cfg, self.checkpoint and self.checkpoint["args"], self.start_step,
-                                               schedule(cfg)))
-        self.data = resolve_path(cfg.data)
-        self.step, self.pace, self.last_saved, self.wandb = self.start_step, None, None, None
-
-    @property
-    def weights(self):
-        """The checkpoint whose model the run starts from (resumed, or fine-tuned from a .pt), or None."""
-        return self.checkpoint if self.checkpoint is not None else self.init_checkpoint
-
-    def say(self, *text):
-        if self.world.is_master:
-            print(*text)
-
-    def fetch_data(self):
-        """The quick start's corpus is fetched on first use (rank 0 downloads it while the others wait)."""
-        if self.data.name == "moliere.txt" and not self.data.exists():
-            on_master(self.world, download_moliere, self.data)
-        return self.data
-
-    def restore(self, optimizers, train_loader):
-        """Optimizer moments, the data position and the random generators as the checkpoint left them; then the
-        checkpoint is let go (a 124M checkpoint is 1.5 GB, not to be kept for the whole run)."""
-        if self.checkpoint is not None:
-            restore_checkpoint(self.checkpoint, optimizers, train_loader, self.world)
-            self.say(f"resumed from {self.checkpoint_path} at step {self.start_step}")
-        for note in self.notes:
-            if note:
-                self.say(note)
-        self.checkpoint = self.init_checkpoint = None
-
-    # -- the loop's bookkeeping: lock, log.txt and W&B, stop signals -----------------------------------------------
-
-    def __enter__(self):
-        self.lock = lock_directory(self.log_dir, "train_gpt2.py") if self.world.is_master else None
-        try:
-            if self.world.is_master:
-                self.start_log()
-            self.stop = StopSignals().__enter__()
-        except BaseException:
-            self.release()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.__exit__(*exc)
-        if self.wandb is not None:
-            self.wandb.finish()
-        self.release()
-
-    def release(self):
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
-
-    def start_log(self):
-        """log.txt begins with what made the run (config, git commit, torch, device); a resumed run appends."""
-        path, world = self.log_dir / "log.txt", self.world
-        device = torch.cuda.get_device_name(world.device) if world.device_type == "cuda" else world.device_type
-        about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
-                 f"{device} x {world.world_size} | {self.dtype}")
-        if self.checkpoint_path is not None and path.exists():
-            self.write(f"# resume {self.checkpoint_path} | {about}")
-        else:
-            if path.exists():  # a fresh run never destroys an earlier log
-                os.replace(path, path.with_suffix(".prev.txt"))
-                print(f"moved the earlier {path} to {path.with_suffix('.prev.txt')}")
-            resumed = f"# resume {self.checkpoint_path}\n" if self.checkpoint_path else ""
-            self.write(f"# run {about}\n{resumed}# config {json.dumps(dataclasses.asdict(self.cfg))}")
-        if self.cfg.wandb:
-            self.wandb = start_wandb(self.cfg, self.log_dir, self.checkpoint_path is not None)
-
-    def write(self, text):
-        if not self.world.is_master:
-            return
-        path = self.log_dir / "log.txt"
-        try:
-            with open(path, "a") as f:
-                f.write(text + "\n")
-        except OSError as e:
-            raise UserError(f"could not write {path} ({e.strerror}): free some space or fix the directory's "
-                            f"permissions, then continue with --resume") from None
-
-    def record(self, step, kind, value, **extra):
-        """One `{step} {kind} {value}` line of log.txt (train 6 decimals, val/hella 4), and the same to W&B."""
-        self.write(f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}")
-        if kind != "train":
-            self.say(f"step {step:5d} | {'val loss' if kind == 'val' else 'HellaSwag'} {value:.4f}")
-        if self.wandb is not None:
-            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
-            self.wandb.log({names[kind]: value, **extra}, step=step)
-
-    def report_step(self, step, loss, lr, norm, dt, tokens_per_sec, mfu):
-        """The step's line on stdout, with the run's progress and the time left, and its record in log.txt."""
-        self.step = step + 1
-        self.say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.1f}ms | "
-                 f"tok/sec {tokens_per_sec:,.0f}" + (f" | MFU {mfu:.1f}%" if mfu else "") + f" | {self.progress(step)}")
-        self.record(step, "train", loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec,
-                    tokens=(step + 1) * self.cfg.total_batch_size, **({"mfu": mfu} if mfu else {}))
-
-    def progress(self, step):
-        """'12/200 (6%), 3m 20s left': the time left at the pace of the steps so far, evaluations included, the
-        first step (which compiles) left out."""
-        now, done, total = time.time(), step + 1, self.cfg.max_steps
-        text = f"{done}/{total} ({100 * done / total:.0f}%)"
-        if self.pace is None:
-            self.pace = (done, now)
-        elif done > self.pace[0]:
-            seconds = (now - self.pace[1]) / (done - self.pace[0]) * (total - done)
-            text += f", {format_seconds(seconds)} left"
-        return text
-
-    # -- stops and checkpoints ------------------------------------------------------------------------------------
-
-    def stopping(self):
-        """A stop request reached this rank (evaluations then end early, so that the checkpoint is saved in time)."""
-        return self.stop.received is not None
-
-    def stop_requested(self):
-        """True on every rank if any rank got a stop request, so that all of them stop at the same step."""
-        return self.stop.any_rank(self.world)
-
-    def save(self, step, raw_model, optimizers, train_loader):
-        self.last_saved = save_checkpoint(self.log_dir, step, raw_model, optimizers, train_loader, self.val_loss,
-                                          self.cfg, self.world)
-        return self.last_saved
-
-    def stopped(self, step, raw_model, optimizers, train_loader):
-        """Save the state after `step` updates and say how to continue."""
-        path = self.save(step, raw_model, optimizers, train_loader)
-        self.say(f"stopped by {self.stop.received or 'a signal on another rank'} at step {step}: saved {path}. "
-                 f"Continue with the same command plus --resume")
-
-    def announce(self, raw_model, train_loader, use_compile):
-        """What the run is about to do: the model, the machine, and how many steps and tokens it will take."""
-        cfg, B, T, W = self.cfg, train_loader.B, train_loader.T, self.world.world_size
-        tokens, epoch = (cfg.max_steps - self.start_step) * cfg.total_batch_size, train_loader.epoch_windows * T
-        self.say(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {self.world.device} x {W} | "
-                 f"{self.dtype} | compile {use_compile}\nsteps {self.start_step} to {cfg.max_steps}: {tokens:,} "
-                 f"tokens, {tokens / epoch:.2f} epochs of {epoch:,} | {cfg.total_batch_size:,} tokens per step = "
-                 f"{B} x {T} x {W} ranks x {cfg.total_batch_size // (B * T * W)} accumulation steps")
-
-    def finished(self):
-        saved = f"saved {self.last_saved}. " if self.last_saved else ""
-        sample = f"`python train_gpt2.py --resume {self.last_saved} --sample PROMPT`; " if self.last_saved else ""
-        hella = f"HellaSwag with `python hellaswag.py -m {self.last_saved}`" if self.last_saved else ""
-        self.say(f"{saved}Next: curves with `python plot.py {self.log_dir / 'log.txt'}`; {sample}{hella}".rstrip("; "))
-
-    # -- failures that deserve one line ---------------------------------------------------------------------------
-
-    def explained(self, error, B):
-        """An out-of-memory error or a torch.compile without its compiler as a UserError that says what to do; any
-        other error as it is."""
-        if is_out_of_memory(error):
-            newest = list_checkpoints(self.log_dir)
-            resume = (f"continue from {newest[-1]} with --resume {newest[-1]} -B {max(1, B // 2)}" if newest else
-                      f"start again with -B {max(1, B // 2)}")
-            return UserError(f"out of {self.world.device_type.upper()} memory at step {self.step} with -B {B}: "
-                             f"{resume} (the same --total_batch_size, with more accumulation steps)")
-        return compile_failed(error) or error
-
-
-def compile_failed(error):
-    """torch.compile needs a C compiler and Triton at run time (slim CUDA images lack them): its failure as a
-    UserError that says what to do, or None for any other error."""
-    if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
-        first = first_line(error)[:200]
-        return UserError(f"torch.compile failed ({type(error).__name__}: {first}): rerun with --compile false, "
-                         f"or install a C compiler (e.g. apt install build-essential)")
-    return None
-
-
-def check_finite(what, value, step):
-    """A nan or inf loss or gradient norm stops the run where it is: an update from it would make the weights nan,
-    and a checkpoint of them would only be resumed into more nan. The same on every rank (the values are global)."""
-    if not math.isfinite(value):
-        raise UserError(f"the {what} is {value} at step {step}: stopping without saving; the checkpoints in --log_dir "
-                        f"are untouched. Start a new run with a lower learning rate (a --resume keeps the run's), from "
-                        f"one of them with --init_from if you like")
-
-
-def format_seconds(seconds):
-    minutes, s = divmod(int(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m" if hours else f"{m}m {s:02d}s" if m else f"{s}s"
-
-
 # -----------------------------------------------------------------------------
-# Flags: what a resumed run takes from its checkpoint, and every flag checked before any work
+# Where a run starts: settled before any work
 
-def take_flags_from_checkpoints(cfg, given, checkpoint_path, checkpoint, init_checkpoint):
-    """A resumed run takes every MATH and RUN flag not given from its checkpoint (never the MACHINE flags), so that
-    `--resume PATH` alone continues that run as it was, in its own directory. A fine-tuned .pt gives its --recipe."""
-    if checkpoint is not None:
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts, settled before any work (settle); nothing in it changes during the run."""
+    step: int = 0  # the first update to run: 0, or the resumed checkpoint's step
+    val_loss: float = None  # the resumed checkpoint's val loss (the next checkpoints record it until a new one)
+    resumed_from: Path = None  # the checkpoint --resume continues, if any
+    saved_args: dict = None  # that checkpoint's flags
+    notes: tuple = ()  # what a resume changed, said when the run starts
+
+
+def settle(cfg, given, world):
+    """(cfg, start, checkpoint): a new TrainConfig with what a resume takes from its checkpoint (every MATH and RUN
+    flag not given), the LR horizon fixed and a -B that divides the batch; the Start record; and the checkpoint
+    whose model the run starts from (resumed, or a .pt to fine-tune; None otherwise), to be let go once loaded (a
+    124M checkpoint is 1.5 GB). Refuses a flag that would change a resumed run's math, and a fresh run over another
+    run's checkpoints."""
+    checkpoint, start = None, Start()
+    if cfg.resume:
+        path, checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume)
         saved = checkpoint["args"]
-        for name in flags_of_kind(cfg, MATH, RUN):
-            if name not in given and name in saved:
-                setattr(cfg, name, saved[name])
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in flags_of_kind(cfg, MATH, RUN)
+                                          if k not in given and k in saved})
         if cfg.resume != "latest":
-            continue_in_own_directory(cfg, given, checkpoint_path, checkpoint["step"])
-    if init_checkpoint is not None:
-        recipe = init_checkpoint.get("args", {}).get("recipe", "gpt2")
-        if "recipe" not in given:
-            cfg.recipe = recipe
-        elif recipe != cfg.recipe:
-            raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
+            cfg = dataclasses.replace(cfg, log_dir=resume_directory(cfg, given, path, checkpoint["step"]))
+        # the horizon of the run's first start, kept (checkpoints older than --lr_horizon saved 0: their max_steps)
+        cfg = dataclasses.replace(cfg, lr_horizon=cfg.lr_horizon or saved["max_steps"])
+        start = Start(checkpoint["step"], checkpoint["val_loss"], path, saved)
+    else:
+        if cfg.init_from.endswith(".pt"):
+            checkpoint = load_checkpoint(cfg.init_from)
+            cfg = dataclasses.replace(cfg, recipe=fine_tuned_recipe(cfg, given, checkpoint))
+        if cfg.sample is None and list_checkpoints(cfg.log_dir):
+            raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run: continue it with --resume, or "
+                            f"start a new run with another --log_dir")
+        cfg = dataclasses.replace(cfg, lr_horizon=cfg.lr_horizon or cfg.max_steps)
+    if "micro_batch_size" not in given:
+        cfg = dataclasses.replace(cfg, micro_batch_size=dividing_micro_batch(cfg, world))
+    if start.saved_args is not None:  # refuses a changed MATH flag; notes the others that changed
+        note = check_resume_flags(start.saved_args, cfg, flags_of_kind(cfg, MATH), flags_of_kind(cfg, RUN, MACHINE))
+        start = dataclasses.replace(start, notes=(note,) if note else ())
+    return cfg, start, checkpoint
 
 
-def continue_in_own_directory(cfg, given, checkpoint_path, step):
+def fine_tuned_recipe(cfg, given, checkpoint):
+    """A .pt to fine-tune gives its --recipe; another one given is refused (its weights would not fit)."""
+    recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
+    if "recipe" in given and recipe != cfg.recipe:
+        raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
+    return recipe
+
+
+def resume_directory(cfg, given, checkpoint_path, step):
     """--resume PATH continues in PATH's directory (or an empty --log_dir), never where it would mix with another
     run, nor over another line of the same run: the checkpoints of later steps that a resume from an older one
     would overwrite one by one, and its log.txt lines."""
     own_dir = Path(checkpoint_path).parent
-    if "log_dir" not in given:
-        cfg.log_dir = str(own_dir)
-    elif Path(cfg.log_dir).resolve() != own_dir.resolve() and (list_checkpoints(cfg.log_dir) or
-                                                               (Path(cfg.log_dir) / "log.txt").exists()):
-        raise UserError(f"--log_dir {cfg.log_dir} holds another run: resuming {checkpoint_path} there would "
-                        f"mix the two; drop --log_dir (the run continues in {own_dir}) or name an empty one")
-    later = [p for p in list_checkpoints(cfg.log_dir) if checkpoint_step(p) > step]
+    log_dir = cfg.log_dir if "log_dir" in given else str(own_dir)
+    if Path(log_dir).resolve() != own_dir.resolve() and (list_checkpoints(log_dir) or
+                                                         (Path(log_dir) / "log.txt").exists()):
+        raise UserError(f"--log_dir {log_dir} holds another run: resuming {checkpoint_path} there would mix the two; "
+                        f"drop --log_dir (the run continues in {own_dir}) or name an empty one")
+    later = [p for p in list_checkpoints(log_dir) if checkpoint_step(p) > step]
     if later and cfg.sample is None:
-        raise UserError(f"--resume {checkpoint_path}: {cfg.log_dir} also holds checkpoints of later steps "
+        raise UserError(f"--resume {checkpoint_path}: {log_dir} also holds checkpoints of later steps "
                         f"({', '.join(p.name for p in later[:3])}{', ...' if len(later) > 3 else ''}), which "
                         f"continuing from step {step} would overwrite: resume the newest (--resume {later[-1]}), move "
                         f"them elsewhere, or continue from step {step} in an empty --log_dir")
+    return log_dir
+
+
+def dividing_micro_batch(cfg, world):
+    """-B not given: the preset's, halved until B*T*world_size divides the total batch (a run on 3 GPUs, say)."""
+    B = cfg.micro_batch_size
+    while B > 1 and cfg.total_batch_size % (B * cfg.seq_len * world.world_size):
+        B //= 2
+    return B
+
+
+def fetch_data(cfg, world):
+    """--data as a path; the quick start's corpus is fetched on first use (rank 0 downloads it, the others wait)."""
+    data = resolve_path(cfg.data)
+    if data.name == "moliere.txt" and not data.exists():
+        on_master(world, download_moliere, data)
+    return data
+
+
+# -----------------------------------------------------------------------------
+# Every flag checked before any work
+
+def check_flags(cfg, world, start, shape, lr):
+    """Every problem with the flags at once, before any work starts (litgpt's validate_args); then, for a resumed
+    run, that its learning rate schedule carries on as it was. shape: the model's GPTConfig; lr(step, horizon): the
+    run's learning-rate multiplier."""
+    problems = [*batch_problems(cfg, world), *shape_problems(cfg, shape),
+                *(schedule_problems(cfg, start.step) if cfg.sample is None else [])]  # sampling trains nothing
+    if not 0 <= cfg.seed < 2**64:  # numpy's generators refuse negative seeds, torch's anything past 64 bits
+        problems.append(f"--seed must be between 0 and 2**64 - 1, not {cfg.seed}")
+    if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+           cfg.val_tokens) < 0:
+        problems.append("the --*_every, --keep_checkpoints and --val_tokens flags cannot be negative")
+    if (cfg.sample_every > 0 and not cfg.prompt) or cfg.sample == "":
+        problems.append("the samples' prompt is empty: give --prompt TEXT (or --sample_every 0)")
+    if cfg.hellaswag_every > 0 and cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
+        problems.append(f"--hellaswag_data {cfg.hellaswag_data} is {what_is(cfg.hellaswag_data)}, not a jsonl file")
+    if world.device_type == "mps" and cfg.dtype == "bfloat16":
+        problems.append("--dtype bfloat16 is not supported on MPS: use float32")
+    if cfg.wandb is not None and not cfg.wandb.strip():
+        problems.append("--wandb needs a project name (leave the flag out to log without W&B)")
+    elif cfg.wandb and importlib.util.find_spec("wandb") is None:
+        problems.append("--wandb needs the wandb package: pip install wandb")
+    if problems:
+        raise UserError("; ".join(problems))
+    if cfg.sample is None:
+        check_horizon(cfg, start, lr)
+
+
+def batch_problems(cfg, world):
+    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
+    if min(B, T, cfg.total_batch_size, cfg.max_steps) <= 0:
+        return ["-B, -T, --total_batch_size and --max_steps must be positive"]
+    if cfg.total_batch_size % (B * T * W) and cfg.sample is None:  # sampling needs no batch
+        tokens = cfg.total_batch_size // (T * W)  # sequences per step on each rank, if T*W divides the total
+        valid = [b for b in range(1, tokens + 1) if tokens % b == 0] if cfg.total_batch_size % (T * W) == 0 else []
+        return [f"--total_batch_size {cfg.total_batch_size} is not divisible by B*T*world_size = {B}*{T}*{W} = "
+                f"{B * T * W}; " + (f"valid -B values: {valid}" if valid else
+                                    f"use a --total_batch_size that is a multiple of {B * T * W}")]
+    return []
+
+
+def shape_problems(cfg, shape):
+    names = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    if any(getattr(cfg, k) < 0 for k in names):
+        return ["--n_layer, --n_head, --n_embd, --block_size and --vocab_size cannot be negative"]
+    if cfg.init_from != "scratch" and any(getattr(cfg, k) for k in names):
+        return [f"--init_from {cfg.init_from} fixes the model's shape: drop --n_layer/--n_head/--n_embd/"
+                "--block_size/--vocab_size"]
+    problems = []
+    if cfg.seq_len > shape.block_size and cfg.sample is None:
+        problems.append(f"-T {cfg.seq_len} is longer than the model's block_size {shape.block_size}")
+    if shape.n_head and shape.n_embd % shape.n_head:
+        problems.append(f"--n_embd {shape.n_embd} is not a multiple of --n_head {shape.n_head}")
+    if cfg.recipe == "modern" and cfg.init_from != "scratch" and not cfg.init_from.endswith(".pt"):
+        problems.append(f"--recipe modern cannot start from {cfg.init_from}: GPT-2's weights do not fit its "
+                        f"architecture (start from scratch or from a modern .pt checkpoint)")
+    return problems
+
+
+def schedule_problems(cfg, start_step):
+    problems = []
+    if not (math.isfinite(cfg.max_lr) and cfg.max_lr > 0):
+        problems.append(f"--max_lr must be a positive number, not {cfg.max_lr}")
+    if not all(math.isfinite(lr) and lr > 0 for lr in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
+        problems.append("--muon_lr, --embed_lr and --head_lr must be positive numbers")
+    if cfg.recipe == "modern" and not (0 <= cfg.cooldown_frac <= 1 and cfg.warmup_steps <= cfg.lr_horizon * (
+            1 - cfg.cooldown_frac)):
+        problems.append(f"--cooldown_frac {cfg.cooldown_frac} must be between 0 and 1, and the decay must start "
+                        f"after --warmup_steps {cfg.warmup_steps}")
+    if not 0 <= cfg.min_lr_ratio <= 1:  # (nan fails too) a negative floor would train by gradient ascent
+        problems.append(f"--min_lr_ratio must be between 0 and 1, not {cfg.min_lr_ratio}")
+    if not (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and math.isfinite(cfg.weight_decay + cfg.grad_clip)):
+        problems.append("--weight_decay and --grad_clip must be finite and not negative")
+    if min(cfg.warmup_steps, cfg.lr_horizon) < 0:
+        problems.append("--warmup_steps and --lr_horizon cannot be negative")
+    if 0 < cfg.max_steps <= cfg.warmup_steps or 0 < cfg.lr_horizon <= cfg.warmup_steps:
+        problems.append(f"--warmup_steps {cfg.warmup_steps} must be fewer than --max_steps {cfg.max_steps} (and "
+                        f"--lr_horizon): the LR would never reach --max_lr. Pass a smaller --warmup_steps")
+    if cfg.max_steps < start_step:
+        problems.append(f"--max_steps {cfg.max_steps} is below the checkpoint's step {start_step}: nothing to do")
+    return problems
+
+
+def check_horizon(cfg, start, lr):
+    """The learning rate never jumps on resume: the schedule's horizon (--lr_horizon, at a fresh start its
+    --max_steps) is the first start's, so a larger --max_steps continues at min_lr. A new --lr_horizon is taken only
+    if it leaves the learning rate of every step so far unchanged (during warmup, say). lr(step, horizon): 0 to 1."""
+    if start.saved_args is not None:
+        saved = start.saved_args.get("lr_horizon") or start.saved_args["max_steps"]
+        if cfg.lr_horizon != saved and any(lr(s, saved) != lr(s, cfg.lr_horizon) for s in range(start.step + 1)):
+            raise UserError(f"--lr_horizon {cfg.lr_horizon} would change the learning rate of the steps already taken "
+                            f"(this run's schedule ends at step {saved}): drop --lr_horizon to keep it; a larger "
+                            f"--max_steps then continues at " + ("min_lr" if cfg.recipe == "gpt2" else
+                            "0, which the modern recipe refuses: resume from a checkpoint before the decay"))
+    horizon = cfg.lr_horizon
+    if cfg.recipe == "modern" and cfg.max_steps > horizon:  # WSD ends at LR 0: steps past it would not learn
+        raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {horizon}, where the "
+                        f"learning rate is 0: continue from a checkpoint before the decay (step <= "
+                        f"{horizon - int(cfg.cooldown_frac * horizon)}) in an empty --log_dir, with --lr_horizon "
+                        f"{cfg.max_steps} --max_steps {cfg.max_steps}")
+
+
+def describe_schedule(cfg, step, lr):
+    """The schedule of a resumed run, in one line: where it ends, and the learning rate it continues at."""
+    horizon = cfg.lr_horizon
+    if cfg.recipe == "modern":
+        return (f"LR schedule: warmup {cfg.warmup_steps} steps, constant until step "
+                f"{horizon - int(cfg.cooldown_frac * horizon)}, linear decay to 0 at step {horizon}; step {step} "
+                f"runs at {lr(step, horizon):.4f} x the peak learning rates")
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > horizon else ""
+    return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
+            f"{horizon}{after}; step {step} runs at {cfg.max_lr * lr(step, horizon):.4e}")
 
 
 # the flag that sets the size of each of the model's parameters, by where the parameter is
 SIZED_BY = {"transformer.wpe": "--block_size", "transformer.wte": "--vocab_size", "lm_head": "--vocab_size"}
 
 
-def check_memory(one_layer, config, cfg, world):
+def check_memory(model_class, config, cfg, world):
     """One line naming the flag, before anything is allocated, when the run cannot fit in this machine's memory (a
     traceback of a 6 TB allocation says nothing of --block_size). A lower bound, so that it never refuses a run that
     fits: training keeps 16 bytes per parameter (float32 weights, gradients, AdamW's two moments) and at least one
     float32 per channel of each layer's input for every token of a micro-batch; sampling needs the weights alone.
-    one_layer: the model with config's shape but one block, built on the meta device (shapes without memory)."""
+    model_class(config): the model to be built; here its parameters' shapes come from a copy with one block, built on
+    the meta device (shapes without memory: an instant even for a model of a million blocks)."""
     c, training = config, cfg.sample is None
+    with torch.device("meta"):
+        one_layer = model_class(dataclasses.replace(config, n_layer=1))
     blocks = f"--n_layer {c.n_layer} and --n_embd {c.n_embd}"
     need = {blocks: 0}  # bytes, by the flags that set them
     for name, p in one_layer.named_parameters():  # a tied matrix counts once
@@ -344,142 +299,213 @@ def memory_of(world):
     return ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "RAM"
 
 
-def dividing_micro_batch(cfg, world):
-    """-B not given: the preset's, halved until B*T*world_size divides the total batch (a run on 3 GPUs, say)."""
-    B = cfg.micro_batch_size
-    while B > 1 and cfg.total_batch_size % (B * cfg.seq_len * world.world_size):
-        B //= 2
-    return B
+# -----------------------------------------------------------------------------
+# The loop's side effects: lock, log.txt and W&B, stop signals, progress, checkpoints
+
+class Run:
+    """The training loop's view of its run, as a context manager: while inside, this process holds the --log_dir
+    lock (rank 0), log.txt and W&B are open (rank 0) and SIGTERM / Ctrl-C ask for a stop instead of killing it."""
+
+    def __init__(self, cfg, world, start, dtype):
+        self.cfg, self.world, self.start, self.dtype = cfg, world, start, dtype
+        self.log_dir = Path(cfg.log_dir)
+        self.step = start.step  # the update under way, for the out-of-memory message
+        self.pace = self.last_saved = self.wandb = self.lock = None
+
+    def __enter__(self):
+        self.lock = lock_directory(self.log_dir, "train_gpt2.py") if self.world.is_master else None
+        try:
+            if self.world.is_master:
+                self.start_log()
+            self.stop = StopSignals().__enter__()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.release()
+
+    def release(self):
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def start_log(self):
+        """log.txt begins with what made the run (config, git commit, torch, device); a resumed run appends."""
+        path, world, resumed = self.log_dir / "log.txt", self.world, self.start.resumed_from
+        device = torch.cuda.get_device_name(world.device) if world.device_type == "cuda" else world.device_type
+        about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
+                 f"{device} x {world.world_size} | {self.dtype}")
+        if resumed is not None and path.exists():
+            self.write(f"# resume {resumed} | {about}")
+        else:
+            if path.exists():  # a fresh run never destroys an earlier log
+                os.replace(path, path.with_suffix(".prev.txt"))
+                print(f"moved the earlier {path} to {path.with_suffix('.prev.txt')}")
+            line = f"# resume {resumed}\n" if resumed else ""
+            self.write(f"# run {about}\n{line}# config {json.dumps(dataclasses.asdict(self.cfg))}")
+        if self.cfg.wandb:
+            self.wandb = start_wandb(self.cfg, self.log_dir, resumed is not None)
+
+    def write(self, text):
+        if not self.world.is_master:
+            return
+        path = self.log_dir / "log.txt"
+        try:
+            with open(path, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror}): free some space or fix the directory's "
+                            f"permissions, then continue with --resume") from None
+
+    def announce(self, raw_model, train_loader, use_compile, lr):
+        """What the run is about to do: where it resumed and what changed, the model, the machine, the steps and
+        tokens to come. lr(step, horizon): the run's learning-rate multiplier."""
+        cfg, start, B, T, W = self.cfg, self.start, train_loader.B, train_loader.T, self.world.world_size
+        if start.resumed_from is not None:
+            print0(f"resumed from {start.resumed_from} at step {start.step}")
+            print0(*start.notes, describe_schedule(cfg, start.step, lr), sep="\n")
+        tokens, epoch = (cfg.max_steps - start.step) * cfg.total_batch_size, train_loader.epoch_windows * T
+        print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {self.world.device} x {W} | "
+               f"{self.dtype} | compile {use_compile}\nsteps {start.step} to {cfg.max_steps}: {tokens:,} tokens, "
+               f"{tokens / epoch:.2f} epochs of {epoch:,} | {cfg.total_batch_size:,} tokens per step = {B} x {T} x "
+               f"{W} ranks x {cfg.total_batch_size // (B * T * W)} accumulation steps")
+
+    def record(self, step, kind, value, **extra):
+        """One `{step} {kind} {value}` line of log.txt (train 6 decimals, val/hella 4), and the same to W&B."""
+        self.write(f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}")
+        if kind != "train":
+            print0(f"step {step:5d} | {'val loss' if kind == 'val' else 'HellaSwag'} {value:.4f}")
+        if self.wandb is not None:
+            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+            self.wandb.log({names[kind]: value, **extra}, step=step)
+
+    def report_step(self, step, loss, lr, norm, dt, tokens_per_sec, mfu):
+        """The step's line on stdout, with the run's progress and the time left, and its record in log.txt."""
+        self.step = step + 1
+        print0(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.1f}ms | "
+               f"tok/sec {tokens_per_sec:,.0f}" + (f" | MFU {mfu:.1f}%" if mfu else "") + f" | {self.progress(step)}")
+        self.record(step, "train", loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec,
+                    tokens=(step + 1) * self.cfg.total_batch_size, **({"mfu": mfu} if mfu else {}))
+
+    def progress(self, step):
+        """'12/200 (6%), 3m 20s left': the time left at the pace of the steps so far, evaluations included, the
+        first step (which compiles) left out."""
+        now, done, total = time.time(), step + 1, self.cfg.max_steps
+        text = f"{done}/{total} ({100 * done / total:.0f}%)"
+        if self.pace is None:
+            self.pace = (done, now)
+        elif done > self.pace[0]:
+            seconds = (now - self.pace[1]) / (done - self.pace[0]) * (total - done)
+            text += f", {format_seconds(seconds)} left"
+        return text
+
+    # -- stops and checkpoints ------------------------------------------------------------------------------------
+
+    def stop_signalled(self):
+        """Whether a stop request reached this rank; no communication (evaluations check it between batches and end
+        early, so that the checkpoint is saved in time)."""
+        return self.stop.received is not None
+
+    def stop_on_any_rank(self):
+        """Whether a stop request reached any rank: a collective (all ranks call it at the same point), so that all
+        of them stop at the same step."""
+        return bool(all_reduce(int(self.stop_signalled()), self.world, "max"))
+
+    def checkpoint_due(self, step, last_step):
+        """Every --checkpoint_every steps and after the last update; not at the step a resume starts from (its
+        checkpoint is the one it was read from)."""
+        every = self.cfg.checkpoint_every
+        return every > 0 and step > self.start.step and (step % every == 0 or last_step)
+
+    def save(self, step, raw_model, optimizers, train_loader, val_loss):
+        self.last_saved = save_checkpoint(self.log_dir, step, raw_model, optimizers, train_loader, val_loss,
+                                          self.cfg, self.world)
+        return self.last_saved
+
+    def save_and_stop(self, step, raw_model, optimizers, train_loader, val_loss):
+        """After a stop request: save the state after `step` updates and say how to continue."""
+        path = self.save(step, raw_model, optimizers, train_loader, val_loss)
+        print0(f"stopped by {self.stop.received or 'a signal on another rank'} at step {step}: saved {path}. "
+               f"Continue with the same command plus --resume")
+
+    def finished(self):
+        saved = self.last_saved
+        print0((f"saved {saved}. " if saved else "") + f"Next: curves with `python plot.py {self.log_dir / 'log.txt'}`"
+               + (f"; `python train_gpt2.py --resume {saved} --sample PROMPT`; HellaSwag with `python hellaswag.py "
+                  f"-m {saved}`" if saved else ""))
+
+    def as_user_error(self, error):
+        """An out-of-memory error or a torch.compile without its compiler as a UserError that says what to do; any
+        other error as it is."""
+        if is_out_of_memory(error):
+            B, newest = self.cfg.micro_batch_size, list_checkpoints(self.log_dir)
+            resume = (f"continue from {newest[-1]} with --resume {newest[-1]} -B {max(1, B // 2)}" if newest else
+                      f"start again with -B {max(1, B // 2)}")
+            return UserError(f"out of {self.world.device_type.upper()} memory at step {self.step} with -B {B}: "
+                             f"{resume} (the same --total_batch_size, with more accumulation steps)")
+        return compile_failed(error) or error
 
 
-def planned_shape(cfg, model_config):
-    """The shape the run will train, as a dict of GPTConfig's fields, known before any weights are built: from
-    scratch the --model shape with its overrides, else the Hugging Face model's (its config.json, or the hub name's)."""
-    if cfg.init_from == "scratch":
-        return dataclasses.asdict(model_config(cfg))
-    config_file = Path(cfg.init_from) / "config.json"
-    if config_file.is_file():  # a local Hugging Face directory
-        c = json.loads(config_file.read_text())
-        return {"block_size": c.get("n_positions", 1024), "vocab_size": c.get("vocab_size", 50257),
-                "n_layer": c.get("n_layer", 12), "n_head": c.get("n_head", 12), "n_embd": c.get("n_embd", 768)}
-    n_layer, n_head, n_embd = GPT2_SHAPES.get(cfg.init_from, GPT2_SHAPES["gpt2"])
-    return {"block_size": 1024, "vocab_size": 50257, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
+class StopSignals:
+    """The first SIGTERM or SIGINT asks the loop to stop at the next safe point (after the current update, or at
+    once during an evaluation), save a checkpoint and exit 0. Further SIGTERMs are ignored: a VM shutdown signals
+    the whole process group and torchrun forwards another, and neither may kill a rank while it saves. Only a
+    second Ctrl-C stops at once (KeyboardInterrupt), for a user who does not want to wait. Once the checkpoint is
+    saved, nothing that arrives later may turn the clean exit into a kill: after a stop request the handlers are not
+    given back, both signals are ignored until the process ends."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            # torchrun forwards the signal to every rank: rank 0 says so (the others stop just the same). os.write,
+            # not print0: safe even if the signal arrived in the middle of a print
+            if int(os.environ.get("RANK", "0")) == 0:
+                os.write(2, f"\n{name} received: stopping at the next safe point (after this update or evaluation) "
+                            f"to save a checkpoint. Ctrl-C again stops at once, without saving.\n".encode())
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        stopped_cleanly = self.received is not None and exc[0] is None
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_IGN if stopped_cleanly else handler)
 
 
-def validate(cfg, world, shape, start_step=0):
-    """Every problem with the flags at once, before any work starts (litgpt's validate_args). shape: the model's
-    block_size, vocab_size, n_head and n_embd (a dict)."""
-    problems = [*batch_problems(cfg, world), *shape_problems(cfg, shape),
-                *(schedule_problems(cfg, start_step) if cfg.sample is None else [])]  # sampling trains nothing
-    if not 0 <= cfg.seed < 2**64:  # numpy's generators refuse negative seeds, torch's anything past 64 bits
-        problems.append(f"--seed must be between 0 and 2**64 - 1, not {cfg.seed}")
-    if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,
-           cfg.val_tokens) < 0:
-        problems.append("the --*_every, --keep_checkpoints and --val_tokens flags cannot be negative")
-    if (cfg.sample_every > 0 and not cfg.prompt) or cfg.sample == "":
-        problems.append("the samples' prompt is empty: give --prompt TEXT (or --sample_every 0)")
-    if cfg.hellaswag_every > 0 and cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
-        problems.append(f"--hellaswag_data {cfg.hellaswag_data} is {what_is(cfg.hellaswag_data)}, not a jsonl file")
-    if world.device_type == "mps" and cfg.dtype == "bfloat16":
-        problems.append("--dtype bfloat16 is not supported on MPS: use float32")
-    if cfg.wandb is not None and not cfg.wandb.strip():
-        problems.append("--wandb needs a project name (leave the flag out to log without W&B)")
-    elif cfg.wandb and importlib.util.find_spec("wandb") is None:
-        problems.append("--wandb needs the wandb package: pip install wandb")
-    if problems:
-        raise UserError("; ".join(problems))
+def check_finite(what, value, step):
+    """A nan or inf loss or gradient norm stops the run where it is: an update from it would make the weights nan,
+    and a checkpoint of them would only be resumed into more nan. The same on every rank (the values are global)."""
+    if not math.isfinite(value):
+        raise UserError(f"the {what} is {value} at step {step}: stopping without saving; the checkpoints in --log_dir "
+                        f"are untouched. Start a new run with a lower learning rate (a --resume keeps the run's), from "
+                        f"one of them with --init_from if you like")
 
 
-def batch_problems(cfg, world):
-    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
-    if min(B, T, cfg.total_batch_size, cfg.max_steps) <= 0:
-        return ["-B, -T, --total_batch_size and --max_steps must be positive"]
-    if cfg.total_batch_size % (B * T * W) and cfg.sample is None:  # sampling needs no batch
-        tokens = cfg.total_batch_size // (T * W)  # sequences per step on each rank, if T*W divides the total
-        valid = [b for b in range(1, tokens + 1) if tokens % b == 0] if cfg.total_batch_size % (T * W) == 0 else []
-        return [f"--total_batch_size {cfg.total_batch_size} is not divisible by B*T*world_size = {B}*{T}*{W} = "
-                f"{B * T * W}; " + (f"valid -B values: {valid}" if valid else
-                                    f"use a --total_batch_size that is a multiple of {B * T * W}")]
-    return []
+def compile_failed(error):
+    """torch.compile needs a C compiler and Triton at run time (slim CUDA images lack them): its failure as a
+    UserError that says what to do, or None for any other error."""
+    if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
+        first = first_line(error)[:200]
+        return UserError(f"torch.compile failed ({type(error).__name__}: {first}): rerun with --compile false, "
+                         f"or install a C compiler (e.g. apt install build-essential)")
+    return None
 
 
-def shape_problems(cfg, shape):
-    names = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    if any(getattr(cfg, k) < 0 for k in names):
-        return ["--n_layer, --n_head, --n_embd, --block_size and --vocab_size cannot be negative"]
-    if cfg.init_from != "scratch" and any(getattr(cfg, k) for k in names):
-        return [f"--init_from {cfg.init_from} fixes the model's shape: drop --n_layer/--n_head/--n_embd/"
-                "--block_size/--vocab_size"]
-    problems = []
-    if cfg.seq_len > shape["block_size"] and cfg.sample is None:
-        problems.append(f"-T {cfg.seq_len} is longer than the model's block_size {shape['block_size']}")
-    if shape["n_head"] and shape["n_embd"] % shape["n_head"]:
-        problems.append(f"--n_embd {shape['n_embd']} is not a multiple of --n_head {shape['n_head']}")
-    if cfg.recipe == "modern" and cfg.init_from != "scratch" and not cfg.init_from.endswith(".pt"):
-        problems.append(f"--recipe modern cannot start from {cfg.init_from}: GPT-2's weights do not fit its "
-                        f"architecture (start from scratch or from a modern .pt checkpoint)")
-    return problems
+def format_seconds(seconds):
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m" if hours else f"{m}m {s:02d}s" if m else f"{s}s"
 
-
-def schedule_problems(cfg, start_step):
-    problems = []
-    if not (math.isfinite(cfg.max_lr) and cfg.max_lr > 0):
-        problems.append(f"--max_lr must be a positive number, not {cfg.max_lr}")
-    if not all(math.isfinite(lr) and lr > 0 for lr in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
-        problems.append("--muon_lr, --embed_lr and --head_lr must be positive numbers")
-    if cfg.recipe == "modern" and not (0 <= cfg.cooldown_frac <= 1 and cfg.warmup_steps <= (cfg.lr_horizon or
-                                       cfg.max_steps) * (1 - cfg.cooldown_frac)):
-        problems.append(f"--cooldown_frac {cfg.cooldown_frac} must be between 0 and 1, and the decay must start "
-                        f"after --warmup_steps {cfg.warmup_steps}")
-    if not 0 <= cfg.min_lr_ratio <= 1:  # (nan fails too) a negative floor would train by gradient ascent
-        problems.append(f"--min_lr_ratio must be between 0 and 1, not {cfg.min_lr_ratio}")
-    if not (cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and math.isfinite(cfg.weight_decay + cfg.grad_clip)):
-        problems.append("--weight_decay and --grad_clip must be finite and not negative")
-    if min(cfg.warmup_steps, cfg.lr_horizon) < 0:
-        problems.append("--warmup_steps and --lr_horizon cannot be negative")
-    horizon = cfg.lr_horizon or cfg.max_steps
-    if 0 < cfg.max_steps <= cfg.warmup_steps or 0 < horizon <= cfg.warmup_steps:
-        problems.append(f"--warmup_steps {cfg.warmup_steps} must be fewer than --max_steps {cfg.max_steps} (and "
-                        f"--lr_horizon): the LR would never reach --max_lr. Pass a smaller --warmup_steps")
-    if cfg.max_steps < start_step:
-        problems.append(f"--max_steps {cfg.max_steps} is below the checkpoint's step {start_step}: nothing to do")
-    return problems
-
-
-def resolve_schedule(cfg, saved_args, start_step, lr):
-    """Fix the LR schedule's horizon for the whole run, so that resuming never makes the learning rate jump; returns
-    a line describing the schedule of a resumed run. lr(step, horizon): the run's schedule (0 to 1).
-
-    A fresh run's horizon is --lr_horizon or its --max_steps. A resumed run keeps the horizon it started with: a
-    larger --max_steps then continues at min_lr. An explicit new --lr_horizon is taken only if it leaves the
-    learning rate of every step so far unchanged (during warmup, say)."""
-    if saved_args is None:
-        cfg.lr_horizon = cfg.lr_horizon or cfg.max_steps
-    else:
-        saved = saved_args.get("lr_horizon") or saved_args["max_steps"]
-        new = cfg.lr_horizon or saved
-        if new != saved and any(lr(s, saved) != lr(s, new) for s in range(start_step + 1)):
-            raise UserError(f"--lr_horizon {new} would change the learning rate of the steps already taken (this "
-                            f"run's schedule ends at step {saved}): drop --lr_horizon to keep it; a larger "
-                            f"--max_steps then continues at " + ("min_lr" if cfg.recipe == "gpt2" else
-                            "0, which the modern recipe refuses: resume from a checkpoint before the decay"))
-        cfg.lr_horizon = new
-    horizon = cfg.lr_horizon
-    if cfg.recipe == "modern":  # WSD ends at LR 0: steps past the horizon would not learn
-        decay = horizon - int(cfg.cooldown_frac * horizon)
-        if cfg.max_steps > horizon:
-            raise UserError(f"--max_steps {cfg.max_steps} goes past the schedule's end at step {horizon}, where the "
-                            f"learning rate is 0: resume from a checkpoint before the decay (step <= {decay}) "
-                            f"with --lr_horizon {cfg.max_steps} --max_steps {cfg.max_steps}")
-        return None if saved_args is None else (
-            f"LR schedule: warmup {cfg.warmup_steps} steps, constant until step {decay}, linear decay to 0 at step "
-            f"{horizon}; step {start_step} runs at {lr(start_step, horizon):.4f} x the peak learning rates")
-    if saved_args is None:
-        return None
-    min_lr = cfg.max_lr * cfg.min_lr_ratio
-    after = f", then {min_lr:.2e} until step {cfg.max_steps}" if cfg.max_steps > horizon else ""
-    return (f"LR schedule: warmup {cfg.warmup_steps} steps to {cfg.max_lr:.2e}, cosine to {min_lr:.2e} at step "
-            f"{horizon}{after}; step {start_step} runs at {cfg.max_lr * lr(start_step, horizon):.4e}")
 
 
 # -----------------------------------------------------------------------------
@@ -513,11 +539,8 @@ def on_master(world, fn, *args):
             fn(*args)
         except UserError as e:
             error = e
-    if world.world_size > 1:
-        failed = torch.tensor(int(error is not None), device=world.device)
-        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-        if failed.item() and error is None:
-            raise UserError("rank 0 failed (see its message)")
+    if all_reduce(int(error is not None), world, "max") and error is None:
+        raise UserError("rank 0 failed (see its message)")
     if error is not None:
         raise error
 
@@ -526,8 +549,9 @@ def on_master(world, fn, *args):
 # A micro-batch that fits the GPU: GPT-2 124M at B=64, T=1024 takes 29 GB compiled, so a 24 GB card needs less.
 
 def is_out_of_memory(e):
-    """torch.cuda.OutOfMemoryError, or a RuntimeError saying the same (other allocators, older torch)."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    """torch.cuda.OutOfMemoryError, or a RuntimeError saying the same (the CPU's and MPS's allocators, older torch)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e)))
 
 
 def out_of_memory_is_an_error(world):
@@ -542,10 +566,7 @@ def fit_micro_batch(model, B, T, world, dtype):
     smallest B that fits on all of them."""
     tried = []
     while True:
-        fits = torch.tensor(int(fits_in_memory(model, B, T, world, dtype)), device=world.device)
-        if world.world_size > 1:
-            torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
-        if fits.item():
+        if all_reduce(int(fits_in_memory(model, B, T, world, dtype)), world, "min"):
             break
         tried.append(B)
         if B == 1:
@@ -554,8 +575,7 @@ def fit_micro_batch(model, B, T, world, dtype):
         B //= 2
     if tried:
         torch._dynamo.reset()  # torch.compile: compile again for the chosen shape, not for shapes dynamic over tries
-        if world.is_master:
-            print(f"-B {B}: the largest micro-batch that fits in GPU memory (-B {', '.join(map(str, tried))} ran out)")
+        print0(f"-B {B}: the largest micro-batch that fits in GPU memory (-B {', '.join(map(str, tried))} ran out)")
     return B
 
 

@@ -1,6 +1,6 @@
 """
-Checkpoints, exact resume and preemption for train_gpt2.py: the operations code its training loop calls but a
-reader of the lesson need not see inline.
+Checkpoints and exact resume for train_gpt2.py: what its training loop saves and restores, which a reader of the
+lesson need not see inline.
 
 A checkpoint holds everything needed to continue a run exactly: the model (no `_orig_mod.`/`module.` prefixes),
 its config, the step, the optimizer, every rank's data position and random generators, the run's flags, and a
@@ -10,10 +10,8 @@ name. Restoring a checkpoint into a run is here too; the rest of resuming is boo
 """
 
 import dataclasses
-import os
 import random
 import re
-import signal
 import subprocess
 import time
 import zlib
@@ -209,44 +207,3 @@ def check_resume_flags(saved, cfg, math_flags, other_flags):
                         + ", ".join(changed) + ". Rerun with the checkpoint's values, or start a new --log_dir")
     notes = [f"--{k} {saved[k]} -> {getattr(cfg, k)}" for k in other_flags if saved[k] != getattr(cfg, k)]
     return f"resuming with changed {', '.join(notes)}" if notes else None
-
-
-# -----------------------------------------------------------------------------
-# Preemption: a spot instance being reclaimed sends SIGTERM; Ctrl-C sends SIGINT.
-
-class StopSignals:
-    """The first SIGTERM or SIGINT asks the loop to stop at the next safe point (after the current update, or at
-    once during an evaluation), save a checkpoint and exit 0. Further SIGTERMs are ignored: a VM shutdown signals
-    the whole process group and torchrun forwards another, and neither may kill a rank while it saves. Only a
-    second Ctrl-C stops at once (KeyboardInterrupt), for a user who does not want to wait. Once the checkpoint is
-    saved, nothing that arrives later may turn the clean exit into a kill: after a stop request the handlers are not
-    given back, both signals are ignored until the process ends."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is None:
-            self.received = name
-            # torchrun forwards the signal to every rank: rank 0 says so (the others stop just the same). os.write,
-            # not print: safe even if the signal arrived in the middle of a print
-            if int(os.environ.get("RANK", "0")) == 0:
-                os.write(2, f"\n{name} received: stopping at the next safe point (after this update or evaluation) "
-                            f"to save a checkpoint. Ctrl-C again stops at once, without saving.\n".encode())
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        stopped_cleanly = self.received is not None and exc[0] is None
-        for s, handler in self.previous.items():
-            signal.signal(s, signal.SIG_IGN if stopped_cleanly else handler)
-
-    def any_rank(self, world):
-        """True on every rank if any rank got a signal (so that all of them stop at the same step)."""
-        flag = torch.tensor(int(self.received is not None), device=world.device)
-        if world.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())

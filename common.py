@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-EOT = 50256  # GPT-2's <|endoftext|>: starts every document
+GPT2_VOCAB = 50257  # GPT-2's tokenizer: 50,000 merges + 256 bytes + <|endoftext|>
+EOT = 50256  # GPT-2's <|endoftext|>, its last id: starts every document
 
 
 class UserError(Exception):
@@ -32,6 +33,19 @@ def first_line(error):
     """The first line of an exception's message for a one-line error, or its type's name when the message is empty
     (str(KeyError()) is "", so an error path that took splitlines()[0] would raise while reporting)."""
     return next(iter(str(error).splitlines()), "") or type(error).__name__
+
+
+def all_reduce(value, world, op="sum"):
+    """A number combined over all ranks ("sum", "max" or "min"), the same on every rank; one process: the value
+    itself. In float64, so counts stay exact (to 2**53)."""
+    if world.world_size == 1:
+        return value
+    import torch
+
+    t = torch.tensor(value, dtype=torch.float64, device=world.device)
+    torch.distributed.all_reduce(t, op={"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+                                        "min": torch.distributed.ReduceOp.MIN}[op])
+    return t.tolist()
 
 
 def print0(*text, **kwargs):
@@ -338,10 +352,12 @@ def resolve_dtype(requested, device_type, cuda_capability=None):
 
 
 def autocast(device_type, dtype):
-    """bf16 autocast: matmuls in bfloat16, reductions (softmax, layernorm) in float32; off for float32 runs."""
+    """bf16 autocast: matmuls in bfloat16, reductions (softmax, layernorm) in float32; off for float32 runs. dtype is
+    the flag's name, "bfloat16" or "float32", as nanoGPT's `dtype`; ptdtype is the torch dtype it names."""
     import torch
 
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    ptdtype = getattr(torch, dtype)
+    return torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype is torch.bfloat16)
 
 
 # -----------------------------------------------------------------------------
@@ -417,7 +433,7 @@ def export_directory(directory, write):
     return directory
 
 
-def save_hf_tokenizer(directory, vocab_size=EOT + 1, model_max_length=None):
+def save_hf_tokenizer(directory, vocab_size=GPT2_VOCAB, model_max_length=None):
     """Write GPT-2's tokenizer, converted from the tiktoken encoding we train with, into an exported model's
     directory: tokenizer.json + tokenizer_config.json (what transformers loads) and vocab.json + merges.txt (the
     classic pair other tools read). <|endoftext|> (50256) is bos, eos and unk, as in the hub's gpt2.
@@ -444,9 +460,9 @@ def save_hf_tokenizer(directory, vocab_size=EOT + 1, model_max_length=None):
     tokenizer.save_pretrained(directory)
     backend.model.save(str(directory))  # vocab.json + merges.txt
 
-    if vocab_size > EOT + 1:
+    if vocab_size > GPT2_VOCAB:
         path = Path(directory) / "generation_config.json"  # written by GPT2LMHeadModel.save_pretrained
         generation = (GenerationConfig.from_pretrained(directory) if path.exists()
                       else GenerationConfig(bos_token_id=EOT, eos_token_id=EOT))
-        generation.suppress_tokens = list(range(EOT + 1, vocab_size))
+        generation.suppress_tokens = list(range(GPT2_VOCAB, vocab_size))
         generation.save_pretrained(directory)

@@ -32,16 +32,13 @@ from torch.nn import functional as F
 import bookkeeping
 import hellaswag
 from bookkeeping import COMMAND, MACHINE, MATH, RUN
-from checkpoints import load_checkpoint
-from common import (EOT, GPT2_SHAPES, UserError, autocast, check_tokens, export_directory, first_line, get_tokenizer,
-                    gpt2_differences, load_shard, pick_device, print0, read_text_file, resolve_dtype, save_hf_tokenizer,
-                    split_paths)
+from checkpoints import load_checkpoint, restore_checkpoint
+from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, UserError, all_reduce, autocast, check_tokens, export_directory,
+                    first_line, get_tokenizer, gpt2_differences, load_shard, pick_device, print0, read_text_file,
+                    resolve_dtype, save_hf_tokenizer, split_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, module names as in Hugging Face so weights map one to one.
-
-GPT2_VOCAB = 50257  # GPT-2's tokenizer: 50,000 merges + 256 bytes + <|endoftext|>
-
 
 @dataclass
 class GPTConfig:
@@ -146,14 +143,16 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """(B, T) ids -> (logits, loss): logits (B, T, vocab_size) and loss None, or with targets the loss."""
+        """(B, T) ids -> (logits, loss): the (B, T, vocab_size) scores of every next token, and with targets their
+        mean cross-entropy (else None)."""
         x = self.hidden_states(idx)
-        if targets is None:
-            return self.lm_head(x), None
-        # The loss equals F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten()). On a CPU it is
-        # computed chunk by chunk without storing the (B, T, vocab_size) logits (see the appendix), so training
-        # returns logits None.
-        return None, vocab_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        if targets is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # a CPU in eager mode: the same loss computed chunk by chunk, never storing the logits, which are then
+            # None (the appendix; a GPU, or torch.compile, which fuses it, runs the plain loss below faster)
+            return None, vocab_cross_entropy(x.flatten(0, 1), self.lm_head, targets.flatten())
+        logits = self.lm_head(x)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
 
     # -- Hugging Face interop: our module names equal theirs; their Conv1D stores weights as (in, out)
     HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -168,12 +167,7 @@ class GPT(nn.Module):
         except OSError as e:  # not on the hub, not cached and offline, or not a model directory
             raise UserError(f"could not load {name_or_path} ({first_line(e)}); "
                             f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
-        if different := gpt2_differences(hf.config):  # a GPT-2 variant: here it would silently compute another thing
-            raise UserError(f"{name_or_path}: a GPT-2 variant this GPT does not compute exactly: "
-                            f"{', '.join(different)}")
-        c = hf.config
-        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        model = cls(gpt_config_of(hf.config, name_or_path))
         ours = model.state_dict()
         # older transformers versions also keep causal-mask buffers (attn.bias): not weights, skipped
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -210,9 +204,9 @@ class GPT(nn.Module):
         export_directory(directory, write)
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
+    def from_checkpoint(cls, path):
         """The model saved in one of our checkpoints (model_XXXXX.pt), for evaluation and sampling."""
-        checkpoint = load_checkpoint(path, map_location)
+        checkpoint = load_checkpoint(path)
         try:  # the recipe (gpt2 or modern) that trained it picks the class
             model = RECIPES[checkpoint.get("args", {}).get("recipe", "gpt2")](GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
@@ -248,6 +242,16 @@ class GPT(nn.Module):
             next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def gpt_config_of(hf_config, name):
+    """Our GPTConfig of a transformers GPT2Config (the same shape under Hugging Face's names), refused in one line
+    when it is a GPT-2 variant that our GPT would load and silently compute another function of."""
+    if different := gpt2_differences(hf_config):
+        raise UserError(f"{name}: a GPT-2 variant this GPT does not compute exactly: {', '.join(different)}")
+    c = hf_config
+    return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                     n_embd=c.n_embd)
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +325,7 @@ class SoftCappedLinear(nn.Linear):
 
 
 class ModernGPT(GPT):
-    """GPT with the changes above; from GPT it keeps generate, from_checkpoint and the weight init helper."""
+    """GPT with the changes above; from GPT it keeps forward, generate, from_checkpoint and the weight init helper."""
 
     def __init__(self, config):
         nn.Module.__init__(self)  # not GPT.__init__: none of GPT-2's modules are built
@@ -356,13 +360,6 @@ class ModernGPT(GPT):
         for block in self.transformer.h:
             x = block(x, cos, sin, attn_mask)
         return rms_norm(x)
-
-    def forward(self, idx, targets=None):
-        x = self.hidden_states(idx)
-        if targets is None:
-            return self.lm_head(x), None
-        # = F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten()), soft-cap included (appendix)
-        return None, vocab_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.lm_head.cap)
 
     def save_pretrained(self, directory):
         raise UserError("save_pretrained: the modern recipe's model (rotary, RMSNorm, QK-norm, ReLU², soft-capped "
@@ -501,9 +498,9 @@ def get_lr_wsd(step, max_lr, warmup_steps, max_steps, cooldown_frac):
 
 
 
-def schedule(cfg):
-    """The run's LR multiplier (0 to 1) as a function of (step, horizon): each parameter group's learning rate is
-    its base_lr (the peak) times this. The horizon is fixed for the whole run, resumes included (bookkeeping.py)."""
+def lr_multiplier(cfg):
+    """The run's schedule as a function (step, horizon) -> a multiplier from 0 to 1: each parameter group's learning
+    rate is its peak (base_lr) times this. The horizon is fixed for the whole run, resumes included (bookkeeping.py)."""
     if cfg.recipe == "modern":
         return lambda step, horizon: get_lr_wsd(step, 1.0, cfg.warmup_steps, horizon, cfg.cooldown_frac)
     return lambda step, horizon: get_lr(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, horizon)
@@ -564,21 +561,11 @@ def setup_distributed(device="auto", timeout_s=600):
     return DistInfo(rank, local_rank, world_size, device, device_type, rank == 0)
 
 
-def all_reduce_mean(value, world):
-    """The mean of a float over all ranks (gloo has no ReduceOp.AVG, so SUM / world_size)."""
-    if world.world_size == 1:
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=world.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t.item() / world.world_size
-
-
-
 # -----------------------------------------------------------------------------
 # Evaluations: validation loss, HellaSwag (scored by hellaswag.py) and text samples. Each takes a `stop`
 # callable: a stop request (SIGTERM) cuts an evaluation short, so that the checkpoint is saved in time.
 
-def evaluate_val(model, loader, steps, world, dtype, stop=lambda: False):
+def evaluate_val(model, loader, steps, world, dtype, stop):
     """Mean loss over `steps` micro-batches of this rank's share of the val split (callers average ranks), or
     None if a stop request cut it short."""
     model.eval()
@@ -608,25 +595,22 @@ def load_hellaswag(cfg, world, raw_model):
     return examples
 
 
-def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop=lambda: False):
+def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop):
     """acc_norm over all examples, each rank scoring its share; returns (n, acc_norm)."""
     result = hellaswag.evaluate(raw_model, examples[world.rank::world.world_size], world.device,
                                 batch_size=batch_size, dtype=dtype, stop=stop)
-    counts = torch.tensor([result["n"], result["correct_norm"]], dtype=torch.long, device=world.device)
-    if world.world_size > 1:
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-    n, correct = counts.tolist()
+    n, correct = (int(all_reduce(result[k], world)) for k in ("n", "correct_norm"))
     return n, correct / max(n, 1)  # n is 0 only when a stop request cut it short
 
 
-def sample_text(raw_model, prompt, num_samples, max_new_tokens, seed, device):
-    """num_samples continuations of prompt, drawn with a generator of their own (training RNG untouched)."""
+def sample_text(raw_model, prompt, max_new_tokens, seed, device):
+    """Four continuations of prompt, drawn with a generator of their own (training RNG untouched)."""
     enc = get_tokenizer()
     ids = enc.encode_ordinary(prompt)
     if not ids or max(ids) >= raw_model.config.vocab_size:
         raise UserError(f"the prompt {prompt!r} is empty or has tokens outside the model's vocabulary of "
                         f"{raw_model.config.vocab_size}")
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    idx = torch.tensor([ids] * 4, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = raw_model.training
     raw_model.eval()
@@ -637,7 +621,7 @@ def sample_text(raw_model, prompt, num_samples, max_new_tokens, seed, device):
 
 def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype):
     with autocast(world.device_type, dtype):
-        for text in sample_text(raw_model, prompt, 4, max_new_tokens, seed, world.device):
+        for text in sample_text(raw_model, prompt, max_new_tokens, seed, world.device):
             print(f"> {text}")
 
 
@@ -649,76 +633,77 @@ def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype):
 # given), MACHINE (this machine's, never the checkpoint's) and COMMAND (what this command line asks for).
 
 
-def knob(default, help_text, on_resume, **argparse_kwargs):
+def flag(default, help_text, on_resume, **argparse_kwargs):
+    """A field of the table: its default, its --help text, what --resume does with it, and argparse's extras."""
     return field(default=default, metadata=dict(help=help_text, on_resume=on_resume, **argparse_kwargs))
 
 
 @dataclass
 class TrainConfig:
     # the run
-    preset: str = knob("gpt2-124M", "group of defaults", RUN, choices=("gpt2-124M", "moliere"))
-    data: str = knob("edu_fineweb10B", "shard directory (python fineweb.py) or a .txt file; relative paths are "
+    preset: str = flag("gpt2-124M", "group of defaults", RUN, choices=("gpt2-124M", "moliere"))
+    data: str = flag("edu_fineweb10B", "shard directory (python fineweb.py) or a .txt file; relative paths are "
                      "looked up in the current directory, then beside train_gpt2.py", RUN)
-    log_dir: str = knob("log", "log.txt and checkpoints go here (with --resume PATH: PATH's directory)", COMMAND)
-    resume: str = knob(None, "continue from this checkpoint, or without PATH the newest in --log_dir; the flags you "
+    log_dir: str = flag("log", "log.txt and checkpoints go here (with --resume PATH: PATH's directory)", COMMAND)
+    resume: str = flag(None, "continue from this checkpoint, or without PATH the newest in --log_dir; the flags you "
                        "do not give are the checkpoint's (but the machine's: --device, --dtype, --compile, -B, "
                        "--dist_timeout)", COMMAND, nargs="?", const="latest", metavar="PATH")
-    sample: str = knob(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
+    sample: str = flag(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        COMMAND, metavar="PROMPT")
-    wandb: str = knob(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
+    wandb: str = flag(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
                       RUN, metavar="PROJECT")
-    init_from: str = knob("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
+    init_from: str = flag("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
                           "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)", MATH)
-    recipe: str = knob("gpt2", "gpt2: GPT-2 exactly (AdamW, cosine schedule); modern: the section 'What changed since "
+    recipe: str = flag("gpt2", "gpt2: GPT-2 exactly (AdamW, cosine schedule); modern: the section 'What changed since "
                        "GPT-2' (rotary, RMSNorm, QK-norm, ReLU², untied soft-capped head, Muon, warmup-stable-decay)",
                        MATH, choices=tuple(RECIPES))
-    seed: int = knob(1337, "seeds the initialisation and the data order", MATH)
+    seed: int = flag(1337, "seeds the initialisation and the data order", MATH)
     # the model: a GPT-2 shape, each dimension overridable (0 = the shape's own)
-    model: str = knob("gpt2", "GPT-2 shape to start from", MATH, choices=tuple(GPT2_SHAPES))
-    n_layer: int = knob(0, "transformer blocks; 0: the --model shape's", MATH)
-    n_head: int = knob(0, "attention heads; 0: the --model shape's", MATH)
-    n_embd: int = knob(0, "embedding size; 0: the --model shape's", MATH)
-    block_size: int = knob(0, "longest context; 0: 1024", MATH)
-    vocab_size: int = knob(0, "vocabulary; 0: 50304, GPT-2's 50257 padded to a multiple of 64", MATH)
+    model: str = flag("gpt2", "GPT-2 shape to start from", MATH, choices=tuple(GPT2_SHAPES))
+    n_layer: int = flag(0, "transformer blocks; 0: the --model shape's", MATH)
+    n_head: int = flag(0, "attention heads; 0: the --model shape's", MATH)
+    n_embd: int = flag(0, "embedding size; 0: the --model shape's", MATH)
+    block_size: int = flag(0, "longest context; 0: 1024", MATH)
+    vocab_size: int = flag(0, "vocabulary; 0: 50304, GPT-2's 50257 padded to a multiple of 64", MATH)
     # the batch: total_batch_size = micro_batch_size * seq_len * world_size * gradient accumulation steps. The
     # recipe's 2**19 tokens per step is about GPT-3 Small's 0.5M (GPT-3 paper, table 2.1).
-    total_batch_size: int = knob(524288, "tokens per optimizer step", MATH)
-    micro_batch_size: int = knob(64, "sequences per forward pass on each GPU; not given, a GPU takes the largest "
-                                 "of this, half of it, ... that fits in its memory", MACHINE, flags=("-B",))
-    seq_len: int = knob(1024, "tokens per sequence", MATH, flags=("-T",))
+    total_batch_size: int = flag(524288, "tokens per optimizer step", MATH)
+    micro_batch_size: int = flag(64, "sequences per forward pass on each GPU; not given, a GPU takes the largest "
+                                 "of this, half of it, ... that fits in its memory", MACHINE, short="-B")
+    seq_len: int = flag(1024, "tokens per sequence", MATH, short="-T")
     # optimization (GPT-3 paper, table 2.1 and appendix B): 375M tokens of warmup and 10B tokens in all, at 2**19
     # tokens per step, are the recipe's 715 and 19073 steps
-    max_lr: float = knob(6e-4, "peak learning rate (gpt2 recipe)", MATH)
-    min_lr_ratio: float = knob(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)", MATH)
+    max_lr: float = flag(6e-4, "peak learning rate (gpt2 recipe)", MATH)
+    min_lr_ratio: float = flag(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)", MATH)
     # the modern recipe: a peak learning rate per optimizer group. Muon's and modded-nanogpt's published values,
     # and the best of a sweep (each one 2x and 0.5x, 4x and 0.25x) on Moliere and on a second corpus:
     # results/README.md
-    muon_lr: float = knob(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)", MATH)
-    embed_lr: float = knob(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)", MATH)
-    head_lr: float = knob(0.008, "AdamW's peak learning rate for the head (modern recipe)", MATH)
-    cooldown_frac: float = knob(0.3, "the LR decays linearly to 0 over this last fraction of the steps (modern "
+    muon_lr: float = flag(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)", MATH)
+    embed_lr: float = flag(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)", MATH)
+    head_lr: float = flag(0.008, "AdamW's peak learning rate for the head (modern recipe)", MATH)
+    cooldown_frac: float = flag(0.3, "the LR decays linearly to 0 over this last fraction of the steps (modern "
                                 "recipe)", MATH)
-    warmup_steps: int = knob(715, "steps of linear warmup", MATH)
-    max_steps: int = knob(19073, "optimizer steps", RUN)
-    lr_horizon: int = knob(0, "step at which the cosine reaches min_lr; 0: --max_steps of the run's first "
+    warmup_steps: int = flag(715, "steps of linear warmup", MATH)
+    max_steps: int = flag(19073, "optimizer steps", RUN)
+    lr_horizon: int = flag(0, "step at which the cosine reaches min_lr; 0: --max_steps of the run's first "
                            "start. Kept on --resume, so a larger --max_steps continues at min_lr", RUN)
-    weight_decay: float = knob(0.1, "weight decay on the matrices (AdamW; Muon's in the modern recipe)", MATH)
-    grad_clip: float = knob(1.0, "clip the gradient's global norm to this (0: no clipping)", MATH)
+    weight_decay: float = flag(0.1, "weight decay on the matrices (AdamW; Muon's in the modern recipe)", MATH)
+    grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0: no clipping)", MATH)
     # evaluation and checkpoints (0 turns any of them off)
-    eval_every: int = knob(250, "steps between val loss measurements", RUN)
-    val_tokens: int = knob(10485760, "val tokens per measurement, in total across ranks", RUN)
-    hellaswag_every: int = knob(250, "steps between HellaSwag evaluations", RUN)
-    hellaswag_data: str = knob(None, "a local HellaSwag jsonl instead of the download", RUN)
-    sample_every: int = knob(250, "steps between printed samples", RUN)
-    prompt: str = knob("Hello, I'm a language model,", "the samples' prompt", RUN)
-    checkpoint_every: int = knob(5000, "steps between checkpoints (also one at the end)", RUN)
-    keep_checkpoints: int = knob(3, "keep the newest N checkpoints (0: keep all)", RUN)
+    eval_every: int = flag(250, "steps between val loss measurements", RUN)
+    val_tokens: int = flag(10485760, "val tokens per measurement, in total across ranks", RUN)
+    hellaswag_every: int = flag(250, "steps between HellaSwag evaluations", RUN)
+    hellaswag_data: str = flag(None, "a local HellaSwag jsonl instead of the download", RUN)
+    sample_every: int = flag(250, "steps between printed samples", RUN)
+    prompt: str = flag("Hello, I'm a language model,", "the samples' prompt", RUN)
+    checkpoint_every: int = flag(5000, "steps between checkpoints (also one at the end)", RUN)
+    keep_checkpoints: int = flag(3, "keep the newest N checkpoints (0: keep all)", RUN)
     # the machine
-    compile: str = knob("auto", "torch.compile the model (auto: on CUDA)", MACHINE, choices=("auto", "true", "false"))
-    device: str = knob("auto", "auto: cuda, then mps, then cpu", MACHINE, choices=("auto", "cuda", "mps", "cpu"))
-    dtype: str = knob("auto", "auto: bfloat16 on CUDA GPUs of compute capability 8.0+ and CPUs with native bf16",
+    compile: str = flag("auto", "torch.compile the model (auto: on CUDA)", MACHINE, choices=("auto", "true", "false"))
+    device: str = flag("auto", "auto: cuda, then mps, then cpu", MACHINE, choices=("auto", "cuda", "mps", "cpu"))
+    dtype: str = flag("auto", "auto: bfloat16 on CUDA GPUs of compute capability 8.0+ and CPUs with native bf16",
                       MACHINE, choices=("auto", "bfloat16", "float32"))
-    dist_timeout: int = knob(600, "seconds a rank waits for the others in a collective before failing", MACHINE)
+    dist_timeout: int = flag(600, "seconds a rank waits for the others in a collective before failing", MACHINE)
 
 
 PRESETS = {
@@ -741,23 +726,36 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2 from scratch.")
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
-        flags = meta.pop("flags", ())
+        names = [f"--{f.name}", *([meta.pop("short")] if "short" in meta else [])]
         del meta["on_resume"]
         default = preset.get(f.name, f.default)
         kind = {} if "nargs" in meta else {"type": f.type}
         meta["help"] += "" if default is None else f" (default: {default})"
-        parser.add_argument(f"--{f.name}", *flags, dest=f.name, default=None, **kind, **meta)  # None: not given
+        parser.add_argument(*names, dest=f.name, default=None, **kind, **meta)  # None: not given
     args = vars(parser.parse_args(argv))
     given = {name for name, value in args.items() if value is not None}
     return TrainConfig(**{f.name: args[f.name] if f.name in given else preset.get(f.name, f.default)
                           for f in dataclasses.fields(TrainConfig)}), given
 
 
-def model_config(cfg):
-    """GPTConfig for a run from scratch: the --model shape with any overrides."""
-    n_layer, n_head, n_embd = GPT2_SHAPES[cfg.model]
-    return GPTConfig(block_size=cfg.block_size or 1024, vocab_size=cfg.vocab_size or 50304,
-                     n_layer=cfg.n_layer or n_layer, n_head=cfg.n_head or n_head, n_embd=cfg.n_embd or n_embd)
+def planned_config(cfg, checkpoint):
+    """The GPTConfig the run will train, known before any weights are built: the checkpoint's (resumed or fine-tuned),
+    the --model shape with its overrides, or the Hugging Face model's (its config.json, or a hub name's size)."""
+    if checkpoint is not None:
+        return GPTConfig(**checkpoint["config"])
+    n_layer, n_head, n_embd = GPT2_SHAPES.get(cfg.model if cfg.init_from == "scratch" else cfg.init_from,
+                                              GPT2_SHAPES["gpt2"])
+    if cfg.init_from == "scratch":
+        return GPTConfig(block_size=cfg.block_size or 1024, vocab_size=cfg.vocab_size or 50304,
+                         n_layer=cfg.n_layer or n_layer, n_head=cfg.n_head or n_head, n_embd=cfg.n_embd or n_embd)
+    if (Path(cfg.init_from) / "config.json").is_file():  # a local Hugging Face directory
+        from transformers import AutoConfig
+
+        try:
+            return gpt_config_of(AutoConfig.from_pretrained(cfg.init_from), cfg.init_from)
+        except (OSError, ValueError) as e:  # not a config transformers can read
+            raise UserError(f"--init_from {cfg.init_from}: {first_line(e)}") from None
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)  # a hub name: GPT-2's context and vocabulary
 
 
 # =============================================================================
@@ -765,20 +763,11 @@ def model_config(cfg):
 # loop needs and runs it. Everything above is what they use.
 # =============================================================================
 
-def flops_per_token(model, T):
-    """Training FLOPs per token (PaLM, appendix B): 6 per parameter that multiplies, plus attention's 12*L*C*T."""
-    c = model.config
-    # embeddings are lookups, not products: wpe, and wte unless it is tied to the head (GPT-2)
-    lookups = [m.weight for m in model.transformer.values() if isinstance(m, nn.Embedding)]
-    n = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lookups if w is not model.lm_head.weight)
-    return 6 * n + 12 * c.n_layer * c.n_embd * T
-
-
 def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, world, dtype):
     """One optimizer update over total_batch_size tokens; returns (loss averaged over ranks, grad norm, lr)."""
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=world.device)
+    loss_accum = torch.zeros((), device=world.device)  # on the device: no host-device sync per micro-step
     for micro_step in range(grad_accum_steps):
         x, y = train_loader.next_batch()
         if world.device_type == "cuda":  # pinned memory: the copy runs asynchronously, overlapping compute
@@ -794,11 +783,11 @@ def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, wor
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             loss.backward()
-    loss_mean = all_reduce_mean(loss_accum.item(), world)
+    loss_mean = all_reduce(loss_accum.item(), world) / world.world_size  # the loss of the whole batch, all ranks
     bookkeeping.check_finite("loss", loss_mean, step)  # every rank sees the same mean, so every rank stops here
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     bookkeeping.check_finite("gradient norm", norm.item(), step)  # an update by an inf gradient makes weights nan
-    multiplier = schedule(cfg)(step, cfg.lr_horizon)
+    multiplier = lr_multiplier(cfg)(step, cfg.lr_horizon)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * multiplier  # each group's peak, scaled by the schedule
@@ -815,65 +804,66 @@ def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader
     """build-nanogpt's loop: at the start of a step the evaluations that are due, then one optimizer update. A stop
     request (SIGTERM when a machine is reclaimed, Ctrl-C) saves a checkpoint at the next safe point: after the
     update, or at once during an evaluation, which it cuts short."""
-    B, T, W, dtype = train_loader.B, cfg.seq_len, world.world_size, run.dtype
+    B, T, W, dtype = cfg.micro_batch_size, cfg.seq_len, world.world_size, run.dtype
     grad_accum_steps = cfg.total_batch_size // (B * T * W)
     val_steps = max(1, cfg.val_tokens // (B * T * W))  # the same val tokens for any world size
     hella_examples = load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
-    flops, peak = flops_per_token(raw_model, T), peak_flops(world)
-    for step in range(run.start_step, cfg.max_steps + 1):
+    val_loss = run.start.val_loss  # the latest val loss, which each checkpoint records
+    for step in range(run.start.step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps  # evaluations and a checkpoint once more after the last update
+        # -- the evaluations due at the start of this step, then the checkpoint ----------------------------------
         if due(cfg.eval_every, step, last_step):
-            loss = evaluate_val(model, val_loader, val_steps, world, dtype, run.stopping)
-            if run.stop_requested():  # on any rank: every rank saves the state as it is, before this step's update
-                return run.stopped(step, raw_model, optimizers, train_loader)
-            run.val_loss = all_reduce_mean(loss, world)  # (also goes into the checkpoints)
-            bookkeeping.check_finite("val loss", run.val_loss, step)  # before the checkpoint of this state
-            run.record(step, "val", run.val_loss)
+            loss = evaluate_val(model, val_loader, val_steps, world, dtype, run.stop_signalled)
+            if run.stop_on_any_rank():  # every rank saves the state as it is, before this step's update
+                return run.save_and_stop(step, raw_model, optimizers, train_loader, val_loss)
+            val_loss = all_reduce(loss, world) / W
+            bookkeeping.check_finite("val loss", val_loss, step)  # before a checkpoint of this state
+            run.record(step, "val", val_loss)
         if due(cfg.hellaswag_every, step, last_step):
-            n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, world, max(1, B // 4), dtype, run.stopping)
-            if run.stop_requested():
-                return run.stopped(step, raw_model, optimizers, train_loader)
+            n, acc_norm = evaluate_hellaswag(raw_model, hella_examples, world, max(1, B // 4), dtype,
+                                             run.stop_signalled)
+            if run.stop_on_any_rank():
+                return run.save_and_stop(step, raw_model, optimizers, train_loader, val_loss)
             run.record(step, "hella", acc_norm, examples=n)
-        if due(cfg.sample_every, step, last_step) and world.is_master and not run.stopping():
+        if due(cfg.sample_every, step, last_step) and world.is_master and not run.stop_signalled():
             print_samples(raw_model, cfg.prompt, 32, cfg.seed, world, dtype)
-        if cfg.checkpoint_every > 0 and step > run.start_step and (step % cfg.checkpoint_every == 0 or last_step):
-            run.save(step, raw_model, optimizers, train_loader)
+        if run.checkpoint_due(step, last_step):
+            run.save(step, raw_model, optimizers, train_loader, val_loss)
         if last_step:
             return run.finished()
-
+        # -- the update -------------------------------------------------------------------------------------------
         t0 = time.time()  # the update alone: evaluations are not part of the throughput
         loss, norm, lr = train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, world, dtype)
         dt = time.time() - t0
+        # -- after the update: its line on stdout and in log.txt, and a stop request saves here --------------------
         tokens_per_sec = cfg.total_batch_size / dt
-        mfu = 100 * flops * tokens_per_sec / (peak * W) if peak else None  # model FLOPs utilisation of the GPUs
-        run.report_step(step, loss, lr, norm, dt, tokens_per_sec, mfu)  # stdout, with the time left, and log.txt
-        if run.stop_requested():
-            return run.stopped(step + 1, raw_model, optimizers, train_loader)
+        run.report_step(step, loss, lr, norm, dt, tokens_per_sec, estimate_mfu(raw_model, T, tokens_per_sec, world))
+        if run.stop_on_any_rank():
+            return run.save_and_stop(step + 1, raw_model, optimizers, train_loader, val_loss)
 
 
-def create_model(cfg, weights):
+def create_model(cfg, config, checkpoint):
     """A checkpoint's model (resumed, or a .pt to fine-tune), OpenAI's GPT-2 from the hub, or a fresh one."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if weights is not None:
-        model = RECIPES[cfg.recipe](GPTConfig(**weights["config"]))
-        model.load_state_dict(weights["model"])
+    if checkpoint is not None:
+        model = RECIPES[cfg.recipe](config)
+        model.load_state_dict(checkpoint["model"])
         return model
     if cfg.init_from == "scratch":
-        return RECIPES[cfg.recipe](model_config(cfg))
+        return RECIPES[cfg.recipe](config)
     return GPT.from_pretrained(cfg.init_from)
 
 
 def train(cfg, world, given=()):
-    """A run, set-up then loop. given: the flags given on the command line (on --resume the others are taken from
-    the checkpoint)."""
-    # before any work the checkpoint to resume or fine-tune from is read and every flag checked (bookkeeping.py)
-    run = bookkeeping.Run(cfg, given, world, model_config, schedule)
-    run.dtype = dtype = resolve_dtype(cfg.dtype, world.device_type)
-    config = GPTConfig(**run.shape)
-    with torch.device("meta"):  # the shapes of one block's parameters and the rest, without their memory
-        one_layer = RECIPES[cfg.recipe](dataclasses.replace(config, n_layer=1))
-    bookkeeping.check_memory(one_layer, config, cfg, world)  # refused in one line if it cannot fit
-    raw_model = create_model(cfg, run.weights).to(world.device)
+    """A run: where it starts settled and every flag checked before any work (bookkeeping.py), then the model, the
+    optimizers, the data and the loop. given: the flags given on the command line (on --resume the others are the
+    checkpoint's)."""
+    cfg, start, checkpoint = bookkeeping.settle(cfg, given, world)  # a new cfg: what a resume takes from its checkpoint
+    config = planned_config(cfg, checkpoint)  # the model's shape, before any weights are built
+    bookkeeping.check_flags(cfg, world, start, config, lr_multiplier(cfg))
+    bookkeeping.check_memory(RECIPES[cfg.recipe], config, cfg, world)  # a model too big is one line, not a traceback
+    dtype = resolve_dtype(cfg.dtype, world.device_type)
+    raw_model = create_model(cfg, config, checkpoint).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
         return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
@@ -886,21 +876,22 @@ def train(cfg, world, given=()):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
             gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
-
-    # data: every rank reads its own share of one global order of windows, B sequences of T tokens at a time
-    B, T, W = cfg.micro_batch_size, cfg.seq_len, world.world_size
     if "micro_batch_size" not in given and bookkeeping.out_of_memory_is_an_error(world):
-        B = bookkeeping.fit_micro_batch(model, B, T, world, dtype)  # B, B/2, ...: the largest that fits every GPU
-    data, vocab_size = run.fetch_data(), raw_model.config.vocab_size
-    train_loader = ShardedLoader(data, B, T, "train", world.rank, W, cfg.seed, vocab_size)
-    val_loader = ShardedLoader(data, B, T, "val", world.rank, W, vocab_size=vocab_size)
-    run.restore(optimizers, train_loader)  # a resumed run: optimizer moments, data position, random generators
-    run.announce(raw_model, train_loader, use_compile)  # the model, the machine, the steps and tokens to come
-    with run:  # the --log_dir lock, log.txt (and W&B), stop signals
+        B = bookkeeping.fit_micro_batch(model, cfg.micro_batch_size, cfg.seq_len, world, dtype)  # B, B/2, ...
+        cfg = dataclasses.replace(cfg, micro_batch_size=B)  # the largest that fits every GPU
+    # data: every rank reads its own share of one global order of windows, B sequences of T tokens at a time
+    data, B, T, W = bookkeeping.fetch_data(cfg, world), cfg.micro_batch_size, cfg.seq_len, world.world_size
+    train_loader = ShardedLoader(data, B, T, "train", world.rank, W, cfg.seed, config.vocab_size)
+    val_loader = ShardedLoader(data, B, T, "val", world.rank, W, vocab_size=config.vocab_size)
+    if start.resumed_from is not None:  # optimizer moments, data position, random generators as the run left them
+        restore_checkpoint(checkpoint, optimizers, train_loader, world)
+    del checkpoint  # loaded: a 124M checkpoint is 1.5 GB, not to be kept for the whole run
+    with bookkeeping.Run(cfg, world, start, dtype) as run:  # the --log_dir lock, log.txt (and W&B), stop signals
+        run.announce(raw_model, train_loader, use_compile, lr_multiplier(cfg))
         try:
             loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader)
         except Exception as e:  # noqa: BLE001 -- out of memory, torch.compile without a C compiler: one line
-            raise run.explained(e, B) from None
+            raise run.as_user_error(e) from None
 
 
 # =============================================================================
@@ -916,8 +907,7 @@ def main(argv=None):
         if world.world_size > 1:
             torch.distributed.barrier()  # leave together: gloo can abort a rank whose peer has already gone
     except (UserError, OSError) as e:  # OSError: a path the system refuses (a name too long, ...), also one line
-        if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per rank
-            print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        print0(f"train_gpt2.py: error: {e}", file=sys.stderr)  # one message, not one per rank
         sys.exit(1)
     finally:
         if world is not None and world.world_size > 1:
@@ -938,6 +928,22 @@ def peak_flops(world):
         return None
     name = torch.cuda.get_device_name(world.device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_token(model, T):
+    """Training FLOPs per token (PaLM, appendix B): 6 per parameter that multiplies, plus attention's 12*L*C*T."""
+    c = model.config
+    # embeddings are lookups, not products: wpe, and wte unless it is tied to the head (GPT-2)
+    lookups = [m.weight for m in model.transformer.values() if isinstance(m, nn.Embedding)]
+    n = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lookups if w is not model.lm_head.weight)
+    return 6 * n + 12 * c.n_layer * c.n_embd * T
+
+
+def estimate_mfu(model, T, tokens_per_sec, world):
+    """Model FLOPs utilisation: the share of the GPUs' bf16 peak that training at tokens_per_sec (all ranks) uses,
+    in percent; None where the peak is unknown (CPUs, unlisted GPUs)."""
+    peak = peak_flops(world)
+    return 100 * flops_per_token(model, T) * tokens_per_sec / (peak * world.world_size) if peak else None
 
 
 class VocabCrossEntropy(torch.autograd.Function):
@@ -999,17 +1005,13 @@ class VocabCrossEntropy(torch.autograd.Function):
         return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None, None
 
 
-def vocab_cross_entropy(x, weight, targets, softcap=None, chunk_rows=128):
-    """Loss of the lm_head on (N, C) hidden states x, its logits soft-capped at softcap if given; follows
-    autocast's dtype like an nn.Linear would."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        # GPUs run the plain loss fast (and torch.compile fuses it); chunks of 128 rows would mean thousands of
-        # small kernel launches per micro-batch there
-        logits = F.linear(x, weight)
-        return F.cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), targets)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+def vocab_cross_entropy(x, head, targets, chunk_rows=128):
+    """The loss of the head (GPT-2's nn.Linear, or the modern recipe's SoftCappedLinear with its cap) on (N, C)
+    hidden states x, in eager mode on a CPU; it follows autocast's dtype like an nn.Linear would."""
+    softcap = head.cap if isinstance(head, SoftCappedLinear) else None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else head.weight.dtype
     with torch.autocast("cpu", enabled=False):  # dtypes are chosen explicitly inside
-        return VocabCrossEntropy.apply(x, weight, targets, dtype, chunk_rows, torch.is_grad_enabled(), softcap)
+        return VocabCrossEntropy.apply(x, head.weight, targets, dtype, chunk_rows, torch.is_grad_enabled(), softcap)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def write_shards(directory, sizes, seed=0, prefix="edufineweb"):
 
 @pytest.fixture(autouse=True)
 def signal_handlers_back():
-    """A run stopped by a signal ignores later signals until its process ends (checkpoints.StopSignals); in-process
+    """A run stopped by a signal ignores later signals until its process ends (bookkeeping.StopSignals); in-process
     tests get this process's handlers back after each test."""
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     yield

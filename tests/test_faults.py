@@ -250,10 +250,10 @@ def test_a_changed_flag_in_a_checkpoint_is_caught_as_corruption(shards, tmp_path
 
 def test_stop_signals_say_so_at_once_ignore_repeats_and_a_second_ctrl_c_stops(capfd):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with checkpoints.StopSignals():
+    with bookkeeping.StopSignals():
         assert signal.getsignal(signal.SIGTERM) not in before.values()
     assert {s: signal.getsignal(s) for s in before} == before  # without a stop, the handlers from before are back
-    with checkpoints.StopSignals() as stop:
+    with bookkeeping.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == "SIGTERM"
         assert "SIGTERM received: stopping at the next safe point" in capfd.readouterr().err  # before any update

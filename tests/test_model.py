@@ -94,11 +94,13 @@ def test_cpu_loss_in_bf16_equals_the_plain_bf16_loss():
     x = torch.randn(N, C, requires_grad=True)
     w = (0.5 * torch.randn(V, C)).requires_grad_()
     targets = torch.randint(0, V, (N,))
+    head = torch.nn.Linear(C, V, bias=False)
+    head.weight = torch.nn.Parameter(w.detach().clone())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = train_gpt2.vocab_cross_entropy(x, w, targets)
+        ours = train_gpt2.vocab_cross_entropy(x, head, targets)
     ours.backward()
-    dx, dw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
+    dx, dw = x.grad.clone(), head.weight.grad
+    x.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = F.linear(x, w)  # bf16
     plain = F.cross_entropy(logits.float(), targets)
@@ -109,15 +111,19 @@ def test_cpu_loss_in_bf16_equals_the_plain_bf16_loss():
         assert (ours_grad - plain_grad).norm() < 2e-2 * plain_grad.norm()
 
 
-def test_gpu_and_compiled_paths_use_the_plain_loss(monkeypatch):
-    """Off the CPU the chunks would be thousands of small kernel launches: the plain loss runs instead."""
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])
+def test_off_the_cpu_forward_is_the_plain_loss(monkeypatch, recipe):
+    """Off the CPU the chunks would be thousands of small kernel launches: forward computes F.cross_entropy of the
+    logits it returns (here on the meta device: shapes, no memory)."""
     def refuse(*args):
         raise AssertionError("the chunked CPU loss ran on another device")
 
     monkeypatch.setattr(train_gpt2.VocabCrossEntropy, "apply", refuse)
-    x, w, t = torch.randn(4, 8, device="meta"), torch.randn(16, 8, device="meta"), torch.zeros(4, dtype=torch.long,
-                                                                                              device="meta")
-    assert train_gpt2.vocab_cross_entropy(x, w, t).device.type == "meta"
+    with torch.device("meta"):
+        model = train_gpt2.RECIPES[recipe](GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=8))
+        idx = torch.zeros((2, 16), dtype=torch.long)
+        logits, loss = model(idx, idx)
+    assert logits.shape == (2, 16, 100) and loss.shape == () and loss.device.type == "meta"
 
 
 def test_weights_are_tied_to_one_storage():

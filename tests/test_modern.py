@@ -87,11 +87,14 @@ def test_soft_capped_loss_kernel_equals_the_plain_loss(autocast):
     x = torch.randn(N, C, requires_grad=True)
     w = torch.randn(V, C).requires_grad_()  # large logits: the cap is active
     targets = torch.randint(0, V, (N,))
+    head = train_gpt2.SoftCappedLinear(C, V, bias=False)
+    head.weight = torch.nn.Parameter(w.detach().clone())
+    assert head.cap == cap
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        ours = train_gpt2.vocab_cross_entropy(x, w, targets, cap)
+        ours = train_gpt2.vocab_cross_entropy(x, head, targets)
     ours.backward()
-    dx, dw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
+    dx, dw = x.grad.clone(), head.weight.grad
+    x.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         plain = F.cross_entropy(cap * torch.tanh(F.linear(x, w) / cap), targets)
     plain.backward()
@@ -192,7 +195,8 @@ def test_extending_a_wsd_run_from_before_the_decay_and_refusing_past_the_horizon
     with pytest.raises(SystemExit):
         run(shards, tmp_path, *args, "--max_steps", "12", "--resume")
     err = capsys.readouterr().err
-    assert "resume from a checkpoint before the decay (step <= 4)" in err and "--lr_horizon 12" in err
+    assert "continue from a checkpoint before the decay (step <= 4) in an empty --log_dir" in err
+    assert "--lr_horizon 12 --max_steps 12" in err
     # a new horizon from a checkpoint inside the decay would change steps already taken: refused
     # (each branch from an earlier checkpoint continues in a directory of its own: the run's model_00008.pt stays)
     with pytest.raises(SystemExit):
