@@ -34,11 +34,13 @@ def pytest_configure(config):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# A tiny GPT on a tiny vocabulary: every training test runs in seconds on a 2-core CPU.
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "128",
-        "-T", "32", "-B", "4", "--total_batch_size", "256", "--max_lr", "1e-2", "--warmup_steps", "2",
-        "--max_steps", "10", "--eval_every", "5", "--val_tokens", "256", "--hellaswag_every", "0",
-        "--sample_every", "0", "--checkpoint_every", "0", "--device", "cpu", "--dtype", "float32"]
+# A tiny GPT on a tiny vocabulary: every training test runs in seconds on a 2-core CPU. TINY_SHAPE is the model's
+# shape, which a resumed or fine-tuned checkpoint fixes; TINY_RUN the rest of the run.
+TINY_SHAPE = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "128"]
+TINY_RUN = ["-T", "32", "-B", "4", "--total_batch_size", "256", "--max_lr", "1e-2", "--warmup_steps", "2",
+            "--max_steps", "10", "--eval_every", "5", "--val_tokens", "256", "--hellaswag_every", "0",
+            "--sample_every", "0", "--checkpoint_every", "0", "--device", "cpu", "--dtype", "float32"]
+TINY = TINY_SHAPE + TINY_RUN
 
 
 def write_shards(directory, sizes, seed=0, prefix="edufineweb"):
@@ -76,6 +78,21 @@ def read_log(path):
             step, kind, value = line.split()
             records[int(step), kind] = value
     return records
+
+
+def train(shards, log_dir, *extra, base=TINY):
+    """train_gpt2.main in-process on `base` (TINY) plus extra flags; returns the run's log.txt as read_log reads it."""
+    import train_gpt2
+
+    train_gpt2.main([*base, "--data", str(shards), "--log_dir", str(log_dir), *extra])
+    return read_log(Path(log_dir) / "log.txt")
+
+
+def lrs_of(out):
+    """{step: lr} from train_gpt2's stdout."""
+    import re
+
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"step +(\d+) \| loss \S+ \| lr (\S+)", out)}
 
 
 def torchrun_cpu(args, log_dir, nproc=2):

@@ -11,15 +11,10 @@ import torch
 import checkpoints
 import common
 import train_gpt2
-from conftest import ROOT, TINY, read_log, torchrun_cpu
+from conftest import ROOT, TINY, read_log, torchrun_cpu, train
 from train_gpt2 import GPT, ShardedLoader
 
 
-
-
-def run(shards, log_dir, *extra):
-    train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), *extra])
-    return read_log(log_dir / "log.txt")
 
 
 def assert_same_tensors(a, b, where=""):
@@ -39,12 +34,12 @@ def assert_same_tensors(a, b, where=""):
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(shards, tmp_path):
-    straight = run(shards, tmp_path / "a", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "10")
-    run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "4")
+    straight = train(shards, tmp_path / "a", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "10")
+    train(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "4")
     # throw away everything after step 4's checkpoint, as if the machine had died at step 6
     for name in ("model_00008.pt", "model_00010.pt"):
         (tmp_path / "b" / name).unlink()
-    resumed = run(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "10",
+    resumed = train(shards, tmp_path / "b", "--max_steps", "10", "--eval_every", "2", "--checkpoint_every", "10",
                   "--resume")
     assert straight == resumed  # every train and val value, to the logged digit
     assert "# resume" in (tmp_path / "b" / "log.txt").read_text()  # appended, not wiped
@@ -55,7 +50,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(shards, tmp_path):
 
 
 def test_checkpoint_contents_and_pruning(shards, tmp_path):
-    run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "2", "--keep_checkpoints", "2")
+    train(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "2", "--keep_checkpoints", "2")
     assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_00008.pt", "model_00010.pt"]
     ckpt = torch.load(tmp_path / "model_00010.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 2 and ckpt["args"]["max_steps"] == 10
@@ -66,7 +61,7 @@ def test_checkpoint_contents_and_pruning(shards, tmp_path):
 
 
 def test_from_checkpoint_gives_the_trained_model(shards, tmp_path):
-    log = run(shards, tmp_path, "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6")
+    log = train(shards, tmp_path, "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6")
     model = GPT.from_checkpoint(tmp_path / "model_00006.pt").eval()
     val = ShardedLoader(shards, 4, 32, "val")
     with torch.no_grad():
@@ -85,33 +80,33 @@ def test_torn_write_is_never_taken_for_a_checkpoint(shards, tmp_path, monkeypatc
 
     monkeypatch.setattr(common.os, "replace", die_at_step_8)
     with pytest.raises(KeyboardInterrupt):
-        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4")
+        train(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4")
     monkeypatch.undo()
     assert len(list(tmp_path.glob(".model_00008.pt.*.tmp"))) == 1 and (tmp_path / "model_00004.pt").exists()
     (tmp_path / "model_00009.pt").write_bytes(b"half a checkpoint")  # and a truncated file under a real name
-    log = run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4", "--resume")
+    log = train(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4", "--resume")
     out = capsys.readouterr().out
     assert "skipping" in out and "resumed from" in out and "model_00004.pt at step 4" in out
     assert (10, "val") in log
 
 
 def test_resume_refuses_flags_that_change_the_math(shards, tmp_path, capsys):
-    run(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "4")
+    train(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "4")
     with pytest.raises(SystemExit):
-        run(shards, tmp_path, "--max_steps", "8", "--resume", "--n_embd", "64", "--seed", "7")
+        train(shards, tmp_path, "--max_steps", "8", "--resume", "--n_embd", "64", "--seed", "7")
     err = capsys.readouterr().err
     assert "--n_embd 32 -> 64" in err and "--seed 1337 -> 7" in err and "Traceback" not in err
-    run(shards, tmp_path, "--max_steps", "8", "--resume")  # a longer run is fine, and said
+    train(shards, tmp_path, "--max_steps", "8", "--resume")  # a longer run is fine, and said
     assert "resuming with changed --max_steps 4 -> 8" in capsys.readouterr().out
 
 
 def test_resume_without_checkpoints_and_fresh_run_over_checkpoints_are_clear_errors(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run(shards, tmp_path / "empty", "--resume")
+        train(shards, tmp_path / "empty", "--resume")
     assert "no checkpoint (model_NNNNN.pt) in" in capsys.readouterr().err
-    run(shards, tmp_path / "done", "--max_steps", "2", "--warmup_steps", "1", "--checkpoint_every", "2")
+    train(shards, tmp_path / "done", "--max_steps", "2", "--warmup_steps", "1", "--checkpoint_every", "2")
     with pytest.raises(SystemExit):  # a fresh run would mix its checkpoints with the earlier run's
-        run(shards, tmp_path / "done", "--max_steps", "2", "--warmup_steps", "1")
+        train(shards, tmp_path / "done", "--max_steps", "2", "--warmup_steps", "1")
     assert "holds checkpoints of an earlier run" in capsys.readouterr().err
 
 
@@ -126,7 +121,7 @@ def test_full_disk_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(torch, "save", fill_disk)
     with pytest.raises(SystemExit) as exit_info:
-        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4")
+        train(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "4")
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -138,7 +133,7 @@ def test_full_disk_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(shards, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(shards, tmp_path, "--max_steps", "40", "--checkpoint_every", "1", "--max_lr", "1e6",
+        train(shards, tmp_path, "--max_steps", "40", "--checkpoint_every", "1", "--max_lr", "1e6",
             "--warmup_steps", "1", "--grad_clip", "0", "--eval_every", "0")
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
@@ -163,7 +158,7 @@ def test_sigterm_saves_exits_0_and_resume_finishes_identically(shards, tmp_path)
     saved = list((tmp_path / "b").glob("model_*.pt"))
     assert len(saved) == 1 and 20 < int(saved[0].stem.split("_")[1]) < 400
     subprocess.run(args + ["--log_dir", str(tmp_path / "b"), "--resume"], check=True, capture_output=True)
-    straight = run(shards, tmp_path / "a", "--max_steps", "400", "--eval_every", "100")
+    straight = train(shards, tmp_path / "a", "--max_steps", "400", "--eval_every", "100")
     assert read_log(tmp_path / "b" / "log.txt") == straight
 
 
@@ -206,7 +201,7 @@ def test_two_ranks_resume_on_one_with_twice_the_accumulation(shards, tmp_path):
     assert len(ckpt["loaders"]) == 2 and len(ckpt["rng"]) == 2  # every rank's state
     (tmp_path / "b" / "model_00008.pt").unlink()
     train_gpt2.main(args + ["--log_dir", str(tmp_path / "b"), "--resume"])  # 1 process, accumulation 2
-    straight = run(shards, tmp_path / "a", "--max_steps", "8", "--eval_every", "2")
+    straight = train(shards, tmp_path / "a", "--max_steps", "8", "--eval_every", "2")
     resumed = read_log(tmp_path / "b" / "log.txt")  # steps 4-8 of the 2-rank run are overwritten (later wins)
     assert sorted(resumed) == sorted(straight)
     for key in straight:  # same data order; the sums differ only in float rounding
@@ -225,9 +220,9 @@ def test_a_resume_from_an_older_checkpoint_never_deletes_what_it_saves(shards, t
     it had just written and announced. Resuming in the same directory is refused (the later checkpoints would be
     overwritten one by one); in an empty --log_dir the branch runs and keeps its own newest file."""
     log_dir = tmp_path / "a"
-    run(shards, log_dir, "--max_steps", "20", "--checkpoint_every", "5", "--keep_checkpoints", "0")
+    train(shards, log_dir, "--max_steps", "20", "--checkpoint_every", "5", "--keep_checkpoints", "0")
     with pytest.raises(SystemExit):
-        run(shards, log_dir, "--resume", str(log_dir / "model_00010.pt"), "--max_steps", "12", "--keep_checkpoints",
+        train(shards, log_dir, "--resume", str(log_dir / "model_00010.pt"), "--max_steps", "12", "--keep_checkpoints",
             "1", "--checkpoint_every", "5")
     err = capsys.readouterr().err
     assert "later steps (model_00015.pt, model_00020.pt)" in err and f"--resume {log_dir / 'model_00020.pt'}" in err
@@ -243,10 +238,10 @@ def test_a_resume_from_an_older_checkpoint_never_deletes_what_it_saves(shards, t
 def test_pruning_keeps_the_new_checkpoint_over_a_later_one_resume_skipped(shards, tmp_path, capsys):
     """--resume passes over a corrupt newest checkpoint to the one before; the later file is not this run's to count:
     keeping 1 kept it and deleted the checkpoint just written."""
-    run(shards, tmp_path, "--max_steps", "15", "--checkpoint_every", "5", "--keep_checkpoints", "0")
+    train(shards, tmp_path, "--max_steps", "15", "--checkpoint_every", "5", "--keep_checkpoints", "0")
     corrupt = tmp_path / "model_00015.pt"
     corrupt.write_bytes(corrupt.read_bytes()[:-100])  # torn
-    run(shards, tmp_path, "--resume", "--max_steps", "12", "--keep_checkpoints", "1", "--checkpoint_every", "5")
+    train(shards, tmp_path, "--resume", "--max_steps", "12", "--keep_checkpoints", "1", "--checkpoint_every", "5")
     out = capsys.readouterr().out
     assert "skipping" in out and f"saved {tmp_path / 'model_00012.pt'}" in out
     assert checkpoint_names(tmp_path) == ["model_00012.pt", "model_00015.pt"]  # the run's newest, and the other one
@@ -257,7 +252,7 @@ def test_resume_takes_every_flag_of_the_run_from_its_checkpoint(shards, tmp_path
     """Only the math flags and --log_dir came from the checkpoint: --keep_checkpoints fell back to 3 (model_00002.pt
     and model_00004.pt were deleted without a word), --data to edu_fineweb10B, --eval_every to 250. Now every flag not
     given is the checkpoint's, except the machine's, and a flag given that differs is said."""
-    run(shards, tmp_path, "--max_steps", "8", "--checkpoint_every", "2", "--keep_checkpoints", "0",
+    train(shards, tmp_path, "--max_steps", "8", "--checkpoint_every", "2", "--keep_checkpoints", "0",
         "--eval_every", "3", "--val_tokens", "128")
     train_gpt2.main(["--resume", str(tmp_path / "model_00008.pt"), "--max_steps", "12", "--device", "cpu",
                      "--dtype", "float32", "-B", "4"])
@@ -266,7 +261,7 @@ def test_resume_takes_every_flag_of_the_run_from_its_checkpoint(shards, tmp_path
     assert checkpoint_names(tmp_path) == [f"model_{s:05d}.pt" for s in (2, 4, 6, 8, 10, 12)]  # keep 0, every 2
     log = read_log(tmp_path / "log.txt")
     assert {s for s, kind in log if kind == "val"} == {0, 3, 6, 8, 9, 12}  # every 3 and at the end of each start
-    straight = run(shards, tmp_path / "straight", "--max_steps", "12", "--checkpoint_every", "2", "--eval_every", "3",
+    straight = train(shards, tmp_path / "straight", "--max_steps", "12", "--checkpoint_every", "2", "--eval_every", "3",
                    "--val_tokens", "128", "--lr_horizon", "8")
     assert log[12, "val"] == straight[12, "val"]  # the same 128 val tokens of the same shards
     train_gpt2.main(["--resume", str(tmp_path / "model_00012.pt"), "--max_steps", "13", "--keep_checkpoints", "2",
@@ -291,7 +286,7 @@ def test_the_table_says_what_resume_does_with_each_flag():
 def test_a_nan_val_loss_stops_without_saving(shards, tmp_path, capsys):
     """The issue's run: val loss nan at step 1, then `saved model_00001.pt` and exit 0."""
     with pytest.raises(SystemExit) as exit_info:
-        run(shards, tmp_path, "--max_lr", "1e9", "--warmup_steps", "0", "--max_steps", "1", "--checkpoint_every", "1",
+        train(shards, tmp_path, "--max_lr", "1e9", "--warmup_steps", "0", "--max_steps", "1", "--checkpoint_every", "1",
             "--eval_every", "1")
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip()
@@ -310,7 +305,7 @@ def test_a_nan_val_loss_mid_run_leaves_the_earlier_checkpoints_as_they_were(shar
 
     monkeypatch.setattr(train_gpt2, "evaluate_val", nan_on_the_third)
     with pytest.raises(SystemExit):
-        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "3", "--eval_every", "3",
+        train(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "3", "--eval_every", "3",
             "--keep_checkpoints", "0")
     assert "the val loss is nan at step 6" in capsys.readouterr().err
     assert checkpoint_names(tmp_path) == ["model_00003.pt"]
@@ -332,7 +327,7 @@ def test_an_inf_gradient_stops_before_the_update_and_no_nan_weights_are_saved(sh
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_on_the_fourth)
     with pytest.raises(SystemExit):
-        run(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "1", "--eval_every", "0",
+        train(shards, tmp_path, "--max_steps", "10", "--checkpoint_every", "1", "--eval_every", "0",
             "--keep_checkpoints", "0")
     assert "the gradient norm is inf at step 3" in capsys.readouterr().err
     assert checkpoint_names(tmp_path)[-1] == "model_00003.pt"

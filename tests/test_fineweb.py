@@ -17,8 +17,8 @@ import tiktoken
 
 import common
 import fineweb
+from conftest import ROOT
 
-ROOT = Path(fineweb.__file__).resolve().parent
 EOT = 50256
 SHARD = 1000  # tokens per shard in these tests: the documents below fill 25 shards
 WORKERS = min(2, os.cpu_count())  # two tokenizer processes where the machine has two cores (more are refused)
@@ -39,7 +39,7 @@ def expected_tokens(docs):
     return np.array([t for doc in docs for t in [EOT] + enc.encode_ordinary(doc)], dtype=np.uint16)
 
 
-def write_jsonl(path, docs, field="text"):
+def write_documents(path, docs, field="text"):
     Path(path).write_text("".join(json.dumps({"id": i, field: doc}, ensure_ascii=False) + "\n"
                                   for i, doc in enumerate(docs)), encoding="utf-8")
     return str(path)
@@ -95,7 +95,7 @@ def docs():
 def reference(docs, tmp_path_factory):
     """An uninterrupted run on the jsonl file: the output every other way of making these shards must equal."""
     tmp = tmp_path_factory.mktemp("reference")
-    path = write_jsonl(tmp / "docs.jsonl", docs)
+    path = write_documents(tmp / "docs.jsonl", docs)
     run([path], tmp / "out", workers=WORKERS)
     return path, read_dir(tmp / "out")
 
@@ -105,12 +105,6 @@ def test_tokenize_is_eot_then_encode_ordinary():
     tokens = fineweb.tokenize("Hello world <|endoftext|>")
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == [EOT] + enc.encode_ordinary("Hello world <|endoftext|>")
-
-
-def test_import_does_no_work():
-    code = ("import sys, fineweb; assert fineweb.get_tokenizer.cache_info().currsize == 0; "
-            "assert not {'tiktoken', 'datasets', 'pyarrow'} & set(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_jsonl_shards_hold_every_document_in_order(docs, reference):
@@ -157,7 +151,7 @@ def test_txt_files_are_one_document_each_and_inputs_chain_in_order(docs, tmp_pat
     for i, doc in enumerate(docs[:10]):
         paths.append(str(tmp_path / f"doc{i}.txt"))
         Path(paths[-1]).write_text(doc, encoding="utf-8")
-    jsonl = write_jsonl(tmp_path / "rest.jsonl", docs[10:20])
+    jsonl = write_documents(tmp_path / "rest.jsonl", docs[10:20])
     run(paths + [jsonl], tmp_path / "out")
     assert np.array_equal(concatenated(tmp_path / "out"), expected_tokens(docs[:20]))
 
@@ -165,24 +159,25 @@ def test_txt_files_are_one_document_each_and_inputs_chain_in_order(docs, tmp_pat
 def test_shards_ending_on_document_boundaries(tmp_path):
     # "hello world" is 2 tokens, 3 with <|endoftext|>: shards of 600 hold exactly 200 documents, and no empty
     # shard follows the last full one
-    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 600)
+    path = write_documents(tmp_path / "docs.jsonl", ["hello world"] * 600)
     run([path], tmp_path / "out", shard_size=600)
     assert [np.load(tmp_path / "out" / name).size for name in shard_files(tmp_path / "out")] == [600] * 3
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [(s["next_doc"], s["next_doc_offset"]) for s in manifest["shards"]] == [(200, 0), (400, 0), (600, 0)]
 
 
-def test_shard_names_are_commons(reference):
-    # one home for the names fineweb.py writes and train_gpt2.py reads (common.SHARD_NAME, list_shards)
-    assert fineweb.shard_name is common.shard_name
+def test_shard_names_are_build_nanogpts(reference):
+    # the names fineweb.py writes, as build-nanogpt's loader globs them, and as train_gpt2.py reads them
     out = Path(reference[0]).parent / "out"
-    assert [p.name for _, p in common.list_shards(out)] == [common.shard_name("edufineweb", i) for i in range(25)]
+    names = ["edufineweb_val_000000.npy"] + [f"edufineweb_train_{i:06d}.npy" for i in range(1, 25)]
+    assert sorted(p.name for p in out.glob("*.npy")) == sorted(names)
+    assert [(split, p.name) for split, p in common.list_shards(out)] == [(n.split("_")[1], n) for n in names]
 
 
 def test_a_corpus_smaller_than_one_shard_warns_and_suggests_a_shard_size(tmp_path, capsys):
     # 15,000 tokens ("hello world" is 3 with its <|endoftext|>) and the default 10**8 tokens a shard: only the val
     # shard, which train_gpt2.py cannot train on. Valid shards all the same: a warning, exit status 0.
-    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 5000)
+    path = write_documents(tmp_path / "docs.jsonl", ["hello world"] * 5000)
     capsys.readouterr()
     fineweb.main(["--input", path, "--out", str(tmp_path / "out"), "--workers", "1"])
     assert shard_files(tmp_path / "out") == ["edufineweb_val_000000.npy"]
@@ -230,6 +225,7 @@ def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path,
     assert first_texts[0] == docs[manifest["shards"][-1]["next_doc"]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 def test_resume_after_a_hard_kill(reference, tmp_path):
     # the process and its workers die with SIGKILL half-way through writing the fourth shard: no clean-up runs
@@ -267,6 +263,7 @@ def test_rerun_of_a_complete_run_changes_nothing(reference, tmp_path, capsys):
     assert {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in read_dir(tmp_path / "out")} == times
 
 
+@pytest.mark.slow
 def test_spawn_start_method_gives_the_same_shards(reference, tmp_path):
     # macOS and Windows start workers with spawn: they import fineweb afresh and must find everything they need
     path, files = reference
@@ -306,7 +303,7 @@ def test_default_out_is_beside_the_script(tmp_path, monkeypatch, capsys):
         raise common.UserError("stop")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fineweb, "lock_directory", lock_directory)
-    assert error_of(capsys, ["--input", write_jsonl(tmp_path / "d.jsonl", ["x"])]) == "fineweb.py: error: stop"
+    assert error_of(capsys, ["--input", write_documents(tmp_path / "d.jsonl", ["x"])]) == "fineweb.py: error: stop"
     assert seen == [ROOT / "edu_fineweb10B"]
 
 
@@ -368,7 +365,7 @@ def error_of(capsys, argv):
 
 
 def test_missing_text_field_names_the_fields(tmp_path, capsys):
-    jsonl = write_jsonl(tmp_path / "d.jsonl", ["a", "b"], field="content")
+    jsonl = write_documents(tmp_path / "d.jsonl", ["a", "b"], field="content")
     message = error_of(capsys, ["--input", jsonl, "--out", str(tmp_path / "o")])
     assert "d.jsonl:1: no field 'text' (fields: id, content); pick one with --text_field" in message
     parquet = write_parquet(tmp_path / "d.parquet", ["a"])
@@ -412,7 +409,7 @@ def test_bad_flags_are_refused_before_any_work(reference, tmp_path, monkeypatch,
 
 
 def test_the_longest_prefix_allowed_works(tmp_path):
-    run([write_jsonl(tmp_path / "d.jsonl", ["hello world"] * 400)], tmp_path / "out", "--prefix", "x" * 224)
+    run([write_documents(tmp_path / "d.jsonl", ["hello world"] * 400)], tmp_path / "out", "--prefix", "x" * 224)
     assert [split for split, _ in common.list_shards(tmp_path / "out")] == ["val", "train"]
 
 
@@ -429,7 +426,7 @@ def test_an_empty_text_file_is_refused_and_leaves_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("n_tokens", [1024, 1025])
 def test_an_input_needs_one_training_window(tmp_path, capsys, n_tokens):
     # "hello world" is 3 tokens with its <|endoftext|>, "" is 1: 341 * 3 + 1 = 1,024 tokens, one short of T+1
-    path = write_jsonl(tmp_path / "docs.jsonl", ["hello world"] * 341 + [""] * (n_tokens - 1023))
+    path = write_documents(tmp_path / "docs.jsonl", ["hello world"] * 341 + [""] * (n_tokens - 1023))
     (tmp_path / "out").mkdir()  # the user's folder: kept, and left as it was found
     argv = ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", "100", "--workers", "1"]
     if n_tokens == 1024:  # its shards were written (100 tokens each), then removed
@@ -471,7 +468,7 @@ def test_out_dir_of_another_configuration_is_refused(reference, tmp_path, capsys
     message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", "2000"])
     assert "holds shards of another configuration (shard_size 1000 there, 2000 now)" in message
     assert "use another --out, or delete" in message
-    other = write_jsonl(tmp_path / "other.jsonl", ["x"])
+    other = write_documents(tmp_path / "other.jsonl", ["x"])
     assert "input [[" in error_of(capsys, ["--input", other, "--out", str(tmp_path / "out"), "--shard_size", "1000"])
 
 

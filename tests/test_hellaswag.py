@@ -17,9 +17,9 @@ from torch.nn import functional as F
 
 import common
 import hellaswag
+from conftest import ROOT
 from train_gpt2 import GPT, GPTConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the man takes a ball and throws it to his dog , who runs across green field while children laugh "
          "then she picks up knife cuts onion slowly into small pieces before adding them pan").split()
 
@@ -40,7 +40,7 @@ def make_examples(n=12, seed=0):
     return examples
 
 
-def write_jsonl(path, examples):
+def write_examples(path, examples):
     path.write_text("".join(json.dumps(e) + "\n" for e in examples))
     return path
 
@@ -161,7 +161,7 @@ def assert_one_line_error(run, message):
 
 
 def cli_result(tmp_path, model_path, examples, *extra):
-    data = write_jsonl(tmp_path / "hs.jsonl", examples)
+    data = write_examples(tmp_path / "hs.jsonl", examples)
     out = tmp_path / "out.json"
     hellaswag.main(["-m", str(model_path), "--data_file", str(data), "-d", "cpu", "--dtype", "float32",
                     "--batch_size", "5", "--json", str(out), *extra])
@@ -241,7 +241,7 @@ def test_files_that_are_not_checkpoints(tmp_path, case):
     with pytest.raises(common.UserError, match=f"x\\.pt.* {message}"):
         hellaswag.load_model(str(path))
     with pytest.raises(SystemExit, match=f"^hellaswag.py: error: .*x\\.pt.* {message}"):
-        hellaswag.main(["-m", str(path), "--data_file", str(write_jsonl(tmp_path / "hs.jsonl", make_examples()))])
+        hellaswag.main(["-m", str(path), "--data_file", str(write_examples(tmp_path / "hs.jsonl", make_examples()))])
 
 
 def test_models_too_small_for_the_examples(tmp_path):
@@ -293,8 +293,6 @@ def test_render_example_rejects_bad_examples():
 
 
 def test_cli_errors(tmp_path, capsys):
-    data = write_jsonl(tmp_path / "hs.jsonl", make_examples())
-    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit):  # a flag's form: argparse's usage line and the error
         hellaswag.main(["-d", "cpu", "--limit", "0"])
     assert "at least 1" in capsys.readouterr().err
@@ -303,34 +301,30 @@ def test_cli_errors(tmp_path, capsys):
         hellaswag.main(["-d", "cpu", "-m", "no/such/model", "--data_file", "missing.jsonl"])
     assert_one_line(run, "-m no/such/model: no such file or directory, and not one of gpt2, gpt2-medium")
     assert "; --data_file missing.jsonl: no such file" in str(run.value.code)
-    # the real command line: train_gpt2.py's loader raises the UserError, hellaswag.py (__main__) prints it
+
+
+@pytest.mark.slow
+def test_cli_errors_on_the_real_command_line(tmp_path):
+    """train_gpt2.py's loader raises the UserError, hellaswag.py (__main__, a process of its own) prints it."""
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli("-m", tmp_path / "foreign.pt", "--data_file", data), "not a readable checkpoint")
     (tmp_path / "not_hf").mkdir()  # a directory without config.json
     assert_one_line_error(run_cli("-m", tmp_path / "not_hf", "--data_file", data),
                           f"could not load the Hugging Face model {tmp_path / 'not_hf'}")
 
 
+@pytest.mark.slow
 def test_offline_tokenizer_is_one_line(tmp_path):
     """tiktoken with an empty cache and no network: common.get_tokenizer's UserError, printed by main."""
     save_checkpoint(tiny_gpt(), tmp_path / "model.pt")
-    data = write_jsonl(tmp_path / "hs.jsonl", make_examples())
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
     (tmp_path / "empty").mkdir()
     offline = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "NO_PROXY": "", "no_proxy": "",
                **{k: "http://127.0.0.1:9" for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}}
     run = subprocess.run([sys.executable, "hellaswag.py", "-m", str(tmp_path / "model.pt"), "--data_file", str(data)],
                          cwd=ROOT, capture_output=True, text=True, env=offline, timeout=120, check=False)
     assert_one_line_error(run, "could not load GPT-2's tokenizer")
-
-
-def test_import_is_a_leaf():
-    """Importing does no work, and loads neither train_gpt2 (a second copy under `python train_gpt2.py`, with
-    its own classes) nor transformers."""
-    code = ("import sys, common, hellaswag; "
-            "assert not {'train_gpt2', 'transformers'} & set(sys.modules), sys.modules.keys(); "
-            "assert common.get_tokenizer.cache_info().currsize == 0")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-
-# -- download: a local HTTP server on 127.0.0.1 stands in for GitHub
 
 
 @pytest.fixture
@@ -441,7 +435,7 @@ def test_cli_default_is_float32_where_auto_picks_bf16(tmp_path, monkeypatch, cap
                         real_autocast(device_type, dtype))
     model = tiny_gpt()
     examples = near_tie_examples(model)
-    path, data = save_checkpoint(model, tmp_path / "model.pt"), write_jsonl(tmp_path / "hs.jsonl", examples)
+    path, data = save_checkpoint(model, tmp_path / "model.pt"), write_examples(tmp_path / "hs.jsonl", examples)
 
     def cli(*extra):
         used.clear()
@@ -468,7 +462,7 @@ def test_cli_default_on_cuda_is_float32_with_tf32(tmp_path, monkeypatch):
     try:
         torch.set_float32_matmul_precision("highest")
         hellaswag.main(["-m", str(save_checkpoint(model, tmp_path / "model.pt")), "-d", "cuda", "--json",
-                        str(tmp_path / "h.json"), "--data_file", str(write_jsonl(tmp_path / "hs.jsonl", examples))])
+                        str(tmp_path / "h.json"), "--data_file", str(write_examples(tmp_path / "hs.jsonl", examples))])
         assert torch.get_float32_matmul_precision() == "high" and set(used) == {"float32"}
     finally:
         torch.set_float32_matmul_precision(precision)
@@ -508,7 +502,7 @@ JSON_PATHS = {  # --json -> what the one-line error says
     "a FIFO": (lambda tmp: os.mkfifo(tmp / "fifo") or tmp / "fifo", "a FIFO (named pipe), not a file"),
     "long folder name": (lambda tmp: tmp / ("d" * 300) / "h.json", "File name too long"),
     "long file name": (lambda tmp: tmp / ("h" * 250), "File name too long"),  # its temp file's name is over 255
-    "a file as folder": (lambda tmp: write_jsonl(tmp / "f", []) / "h.json", "Not a directory"),
+    "a file as folder": (lambda tmp: write_examples(tmp / "f", []) / "h.json", "Not a directory"),
     "read-only folder": (lambda tmp: Path("/sys/h.json"), "Permission denied"),  # even for root
 }
 
@@ -544,7 +538,8 @@ def test_any_os_error_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as run:
         hellaswag.main(["-m", str(tmp_path / ("m" * 300) / "model.pt"), "-d", "cpu"])
     assert_one_line(run, "model.pt: File name too long")
-    path, data = save_checkpoint(tiny_gpt(), tmp_path / "model.pt"), write_jsonl(tmp_path / "hs.jsonl", make_examples())
+    path = save_checkpoint(tiny_gpt(), tmp_path / "model.pt")
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
 
     def unreadable(name):
         raise PermissionError(13, "Permission denied", name)

@@ -1,11 +1,10 @@
 """--recipe modern: rotary, QK-norm, the optimizer split, the soft-capped loss kernel, exact resume, DDP, HellaSwag's
 packed scoring, WSD extension, and the refusals."""
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, read_log, torchrun_cpu
+from conftest import TINY, lrs_of, read_log, torchrun_cpu, train
 from test_hellaswag import make_examples, reference_losses
 
 import hellaswag
@@ -25,9 +24,8 @@ def tiny_modern(seed=0, vocab_size=128, block_size=32):
     return model.eval()
 
 
-def run(shards, log_dir, *extra):
-    train_gpt2.main(MODERN + ["--data", str(shards), "--log_dir", str(log_dir), *extra])
-    return read_log(log_dir / "log.txt")
+def train_modern(shards, log_dir, *extra):
+    return train(shards, log_dir, *extra, base=MODERN)
 
 
 def test_rotary_scores_depend_only_on_relative_offsets():
@@ -116,10 +114,10 @@ def test_model_loss_equals_plain_cross_entropy_of_its_logits():
 
 def test_resume_is_exact(shards, tmp_path):
     """Uninterrupted vs stopped at step 4 and resumed: equal final model and optimizer states."""
-    run(shards, tmp_path / "a", "--max_steps", "8", "--checkpoint_every", "8")
-    run(shards, tmp_path / "b", "--max_steps", "8", "--checkpoint_every", "4")
+    train_modern(shards, tmp_path / "a", "--max_steps", "8", "--checkpoint_every", "8")
+    train_modern(shards, tmp_path / "b", "--max_steps", "8", "--checkpoint_every", "4")
     (tmp_path / "b" / "model_00008.pt").unlink()
-    run(shards, tmp_path / "b", "--max_steps", "8", "--checkpoint_every", "4", "--resume")
+    train_modern(shards, tmp_path / "b", "--max_steps", "8", "--checkpoint_every", "4", "--resume")
     a, b = (torch.load(tmp_path / d / "model_00008.pt", weights_only=True) for d in ("a", "b"))
     assert a["args"]["recipe"] == "modern" and len(a["optimizer"]) == 2
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -165,7 +163,7 @@ def test_generate_never_emits_a_padded_id_even_where_the_model_prefers_them():
 
 
 def test_recipe_changed_on_resume_is_refused(shards, tmp_path, capsys):
-    run(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "4")
+    train_modern(shards, tmp_path, "--max_steps", "4", "--checkpoint_every", "4")
     capsys.readouterr()
     with pytest.raises(SystemExit):
         train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(tmp_path), "--max_steps", "4", "--resume",
@@ -181,30 +179,25 @@ def test_save_pretrained_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def lrs_of(out):
-    """{step: lr} from train_gpt2's stdout."""
-    return {int(m[1]): float(m[2]) for m in re.finditer(r"step +(\d+) \| loss \S+ \| lr (\S+)", out)}
-
-
 def test_extending_a_wsd_run_from_before_the_decay_and_refusing_past_the_horizon(shards, tmp_path, capsys):
     args = ["--eval_every", "0", "--warmup_steps", "2", "--cooldown_frac", "0.5"]
-    run(shards, tmp_path, *args, "--max_steps", "8", "--checkpoint_every", "2", "--keep_checkpoints", "0")
+    train_modern(shards, tmp_path, *args, "--max_steps", "8", "--checkpoint_every", "2", "--keep_checkpoints", "0")
     first = lrs_of(capsys.readouterr().out)
     assert first[3] == first[0] * 2 == 0.05 and first[4] == 0.05 and first[7] == 0.05 / 4  # decay over 4..7
     # past the horizon the LR would be 0: refused, saying what to do
     with pytest.raises(SystemExit):
-        run(shards, tmp_path, *args, "--max_steps", "12", "--resume")
+        train_modern(shards, tmp_path, *args, "--max_steps", "12", "--resume")
     err = capsys.readouterr().err
     assert "continue from a checkpoint before the decay (step <= 4) in an empty --log_dir" in err
     assert "--lr_horizon 12 --max_steps 12" in err
     # a new horizon from a checkpoint inside the decay would change steps already taken: refused
     # (each branch from an earlier checkpoint continues in a directory of its own: the run's model_00008.pt stays)
     with pytest.raises(SystemExit):
-        run(shards, tmp_path / "from_6", *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
+        train_modern(shards, tmp_path / "from_6", *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
             str(tmp_path / "model_00006.pt"))
     assert "would change the learning rate" in capsys.readouterr().err
     # from step 4's checkpoint (before the decay) with --lr_horizon 16: constant LR on, no jump, decay at 8..15
-    run(shards, tmp_path / "from_4", *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
+    train_modern(shards, tmp_path / "from_4", *args, "--max_steps", "16", "--lr_horizon", "16", "--resume",
         str(tmp_path / "model_00004.pt"))
     later = lrs_of(capsys.readouterr().out)
     assert sorted(later) == list(range(4, 16))

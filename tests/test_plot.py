@@ -2,17 +2,14 @@
 only for runs on their corpus (FineWeb-Edu, Molière), smoothing without lag (on the committed quick-start logs),
 readable loss ticks, titles, labels and error messages."""
 import itertools
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import plot
 from common import UserError
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # A train_gpt2.py-style log: header, records, an unknown kind, junk, then a crash and a resume that redoes
 # steps 2 and 3 (the later lines must win).
@@ -344,8 +341,3 @@ def test_missing_file_and_empty_log_are_one_line_errors(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"plot.py: error: no train/val/hella records in {empty}\n"
     assert not (tmp_path / "out").exists()  # failed before writing anything
-
-
-def test_import_does_not_load_matplotlib():
-    code = "import sys, plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported at import time'"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

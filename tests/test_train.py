@@ -11,10 +11,9 @@ import torch
 
 import common
 import train_gpt2
-from conftest import SHARED, TINY, read_log, torchrun_cpu, write_shards
+from conftest import ROOT, SHARED, TINY, TINY_RUN, lrs_of, read_log, torchrun_cpu, write_shards
 from train_gpt2 import ShardedLoader, get_lr
 
-ROOT = Path(train_gpt2.__file__).parent
 
 
 # -- the loader ---------------------------------------------------------------------------------------------
@@ -135,11 +134,6 @@ def test_get_lr_warmup_cosine_and_floor():
     assert lr(100) == pytest.approx(6e-5) and lr(500) == pytest.approx(6e-5)
 
 
-def lrs_of(out):
-    """{step: lr} from train_gpt2's stdout."""
-    return {int(m[1]): float(m[2]) for m in re.finditer(r"step +(\d+) \| loss \S+ \| lr (\S+)", out)}
-
-
 def test_a_longer_max_steps_on_resume_continues_at_min_lr(shards, tmp_path, capsys):
     """The README's "carry on" example: the horizon stays that of the run's start, the LR never rises."""
     args = TINY + ["--data", str(shards), "--log_dir", str(tmp_path), "--eval_every", "0", "--checkpoint_every", "6"]
@@ -209,7 +203,7 @@ def test_sample_needs_no_data_and_no_log_dir(shards, tmp_path, capsys):
     train_gpt2.main(TINY + ["--data", str(shards), "--log_dir", str(log_dir), "--max_steps", "4",
                             "--checkpoint_every", "4"])
     nowhere = tmp_path / "nowhere"
-    base = TINY[10:]  # no shape flags: --init_from fixes the shape
+    base = TINY_RUN  # no shape flags: --init_from fixes the shape
     train_gpt2.main(base + ["--init_from", str(log_dir / "model_00004.pt"), "--data", str(nowhere / "data"),
                             "--log_dir", str(nowhere), "--sample", "A"])  # "A" is token 32: in TINY's 128
     out = capsys.readouterr().out
@@ -238,7 +232,7 @@ def test_torchrun_two_ranks_equal_one_process_with_twice_the_accumulation(shards
     assert sorted(ddp) == sorted(single)
     for key in single:
         assert abs(float(ddp[key]) - float(single[key])) <= 1e-4, key
-    assert "x 2" in open(tmp_path / "ddp" / "log.txt").readline()  # the header names the world size
+    assert " | cpu x 2 | " in open(tmp_path / "ddp" / "log.txt").readline()  # the header names the world size
 
 
 # -- bad input: one line on stderr, no traceback, nothing written --------------------------------------------
@@ -291,9 +285,9 @@ def test_indivisible_batch_names_the_valid_micro_batch_sizes(tmp_path, capsys):
 def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
     """Each rank scores a share; the summed counts give the acc_norm of scoring everything in one process."""
     import hellaswag
-    from test_hellaswag import make_examples, write_jsonl
+    from test_hellaswag import make_examples, write_examples
 
-    data_file = write_jsonl(tmp_path / "hella.jsonl", make_examples(n=14, seed=3))
+    data_file = write_examples(tmp_path / "hella.jsonl", make_examples(n=14, seed=3))
     args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--block_size", "128", "--max_steps", "2",
                    "--warmup_steps", "1",
                    "--eval_every", "0",
@@ -369,9 +363,7 @@ def test_init_from_a_hugging_face_directory(shards, tmp_path):
     hf_dir = tmp_path / "hf"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
                                                          vocab_size=128)).save_pretrained(hf_dir)
-    assert TINY[8] == "--vocab_size"
-    base = TINY[10:]  # everything after the five shape flags
-    train_gpt2.main(base + ["--data", str(shards), "--log_dir", str(tmp_path / "log"), "--init_from", str(hf_dir),
+    train_gpt2.main(TINY_RUN + ["--data", str(shards), "--log_dir", str(tmp_path / "log"), "--init_from", str(hf_dir),
                             "--max_steps", "1", "--warmup_steps", "0", "--eval_every", "1"])
     model = train_gpt2.GPT.from_pretrained(hf_dir).eval()
     val = ShardedLoader(shards, 4, 32, "val")
@@ -386,9 +378,9 @@ def test_init_from_a_hugging_face_directory(shards, tmp_path):
 def test_running_the_script_never_loads_a_second_copy_of_itself(shards, tmp_path):
     """Run as a script, train_gpt2 is __main__; if anything it imports (hellaswag.py) imported train_gpt2 back,
     a second copy with its own GPT and UserError classes would load, and its errors would escape main()."""
-    from test_hellaswag import make_examples, write_jsonl
+    from test_hellaswag import make_examples, write_examples
 
-    data_file = write_jsonl(tmp_path / "hella.jsonl", make_examples(n=4, seed=1))
+    data_file = write_examples(tmp_path / "hella.jsonl", make_examples(n=4, seed=1))
     argv = ["train_gpt2.py", *TINY, "--data", str(shards), "--log_dir", str(tmp_path / "log"), "--vocab_size",
             "50304", "--block_size", "128", "--max_steps", "1", "--warmup_steps", "0", "--hellaswag_every", "1",
             "--hellaswag_data", str(data_file)]
