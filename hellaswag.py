@@ -114,11 +114,16 @@ def render_example(example):
     return data, tokens, mask, example["label"]
 
 
+def block_size_of(model):
+    """The longest sequence the model takes: our GPTConfig's block_size, transformers' max_position_embeddings."""
+    config = model.config
+    return getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", None)
+
+
 def check_fits(model, rendered):
     """UserError unless the model has a position for every token and an embedding for every id of the examples:
     past them, an embedding lookup fails with an IndexError deep in the forward pass."""
-    config = model.config  # our GPTConfig has block_size; transformers' configs max_position_embeddings
-    block_size = getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", None)
+    config, block_size = model.config, block_size_of(model)
     longest = max((tokens.size(1) for _, tokens, _, _ in rendered), default=0)
     if block_size and longest > block_size:
         raise common.UserError(f"HellaSwag examples are up to {longest} tokens, more than the model's block_size "
@@ -188,6 +193,20 @@ def score_packed(model, batch, device):
     return sums[slots], counts[slots]
 
 
+def logits_at(model, tokens, rows, cols):
+    """The logits (N, vocab_size) at the N positions (rows[i], cols[i]) of tokens (B, L) under causal attention: the
+    vocabulary projection (n_embd x 50257, most of a small model's work) runs only there. Our GPT (hidden_states and
+    its lm_head), or a transformers model: base_model is the transformer without its head (GPT-2's .transformer,
+    Llama's .model), then the output embeddings and the final soft-cap of models that have one (NanoChat, Gemma 2).
+    core.py scores with it too."""
+    if hasattr(model, "hidden_states"):  # recognised by what it can do: this file must not import train_gpt2.py
+        return model.lm_head(model.hidden_states(tokens)[rows, cols])
+    h = model.base_model(tokens, use_cache=False).last_hidden_state[rows, cols]  # (N, n_embd)
+    logits = model.get_output_embeddings()(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 def score_batch(model, batch, device):
     """Rendered examples -> (summed loss, number of ending tokens), both (len(batch), 4).
 
@@ -205,10 +224,7 @@ def score_batch(model, batch, device):
     mask = torch.cat([F.pad(m, (0, L - m.size(1))) for _, _, m, _ in batch]).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]  # position t predicts token t + 1, as in training
     rows, cols = mask[:, 1:].nonzero(as_tuple=True)  # the (row, t) pairs whose target belongs to an ending
-    # base_model: the transformer without its head (GPT-2's .transformer, Llama's .model). Exact for models whose
-    # logits are lm_head(last hidden state), as for every architecture that uses GPT-2's tokenizer.
-    h = model.base_model(x, use_cache=False).last_hidden_state[rows, cols]  # (N, n_embd)
-    logits = model.get_output_embeddings()(h)  # (N, vocab_size)
+    logits = logits_at(model, x, rows, cols)  # (N, vocab_size)
     losses = F.cross_entropy(logits.float(), y[rows, cols], reduction="none")  # in float32, (N,)
     # back to (4B, L - 1), zero off the endings, and summed per row (a plain sum: deterministic on CUDA too,
     # so equal endings get exactly equal losses and the tie goes to the first, as with argmin in build-nanogpt)
