@@ -18,13 +18,16 @@ Sections:
   loader     batches/s and anonymous memory while ShardedLoader reads through two shards
   hellaswag  examples/s of `python hellaswag.py -m HF_DIR` on a GPT-2 in Hugging Face format (loaded into our
              GPT, packed rows) against transformers' model, one example per forward (build-nanogpt's loop)
+  core       items/s of core.py's scorer (the options of several items as rows of one forward) against one
+             sequence per forward with full logits (nanochat's loop), on the same items: the accuracies must agree
   tokenize   fineweb.py's end-to-end tokens/s against tiktoken's single-core rate x the cores
 
 Defaults: on CUDA, GPT-2 124M (12 layers, 768 wide) at B=64, T=1024, and a real step of 2**19 tokens (8
 micro-steps), as train_gpt2.py trains it; elsewhere a 4-layer, 256-wide GPT at B=8, T=256, and a real step of 4
-micro-batches (2**13 tokens); 200 HellaSwag examples; 100 MB of text to tokenize. Medians of --steps repeated
-measurements, warm-up (and compilation) excluded. bench.json is rewritten after every section; a row that runs out
-of memory is recorded as "OOM", one whose attention backend is unavailable gets an "error" note, and the others go on.
+micro-batches (2**13 tokens); 200 HellaSwag examples; 100 CORE rows per task; 100 MB of text to tokenize. Medians
+of --steps repeated measurements, warm-up (and compilation) excluded. bench.json is rewritten after every section;
+a row that runs out of memory is recorded as "OOM", one whose attention backend is unavailable gets an "error" note,
+and the others go on.
 """
 
 import argparse
@@ -409,6 +412,98 @@ def methods_disagree(counts, dtype, examples):
 
 
 # -----------------------------------------------------------------------------
+# CORE
+
+def synthetic_bundle(directory, rows):
+    """An eval bundle in the published format cut from Moliere, for offline use: a 3-shot multiple-choice task
+    (4 choices), a 1-shot schema task and a 1-shot language-modeling task, `rows` rows each."""
+    words = " ".join(moliere_paragraphs()).split()
+    rng = np.random.default_rng(0)
+
+    def phrase(lo, hi):
+        start = int(rng.integers(0, len(words) - hi))
+        return " ".join(words[start:start + int(rng.integers(lo, hi))])
+
+    made = {"mc": ("multiple_choice", 3, lambda: {"query": phrase(20, 60), "choices": [phrase(2, 8) for _ in "abcd"],
+                                                   "gold": int(rng.integers(4))}),
+            "schema": ("schema", 1, lambda: {"context_options": [phrase(10, 30) for _ in "ab"],
+                                              "continuation": phrase(5, 15), "gold": int(rng.integers(2))}),
+            "lm": ("language_modeling", 1, lambda: {"context": phrase(20, 60), "continuation": phrase(1, 3)})}
+    (directory / "eval_data").mkdir(parents=True)
+    yaml = ["icl_tasks:"]
+    for label, (kind, shots, row) in made.items():
+        (directory / "eval_data" / f"{label}.jsonl").write_text("".join(json.dumps(row()) + "\n" for _ in range(rows)))
+        yaml.append(f"- {{label: {label}, dataset_uri: {label}.jsonl, num_fewshot: [{shots}], icl_task_type: {kind}}}")
+    (directory / "core.yaml").write_text("\n".join(yaml) + "\n")
+    (directory / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nmc,25\nschema,50\nlm,0\n")
+    return directory
+
+
+@torch.no_grad()
+def one_sequence_per_forward(model, tasks, items, device):
+    """nanochat's loop: each option alone through the model, logits at every position, mean loss over its span (the
+    argmax of every span token for language modeling); [(correct, n)] per task, as core.evaluate counts."""
+    import core
+
+    counts, block_size = [[0, 0] for _ in tasks], core.hellaswag.block_size_of(model)
+    for item in items:
+        means, all_right = [], True
+        for span in item.spans:
+            tokens, start, end = core.cropped(span, block_size)
+            idx = torch.tensor([tokens], device=device)
+            logits = model.lm_head(model.hidden_states(idx))[0, start - 1:end - 1].float()
+            means.append(F.cross_entropy(logits, idx[0, start:end]).item())
+            all_right = all_right and bool((logits.argmax(-1) == idx[0, start:end]).all())
+        counts[item.task][0] += all_right if item.gold is None else means.index(min(means)) == item.gold
+        counts[item.task][1] += 1
+    return counts
+
+
+def bench_core(args, world, dtype):
+    """core.py's scorer on a GPT-2 saved by transformers (random weights of the --n_layer/--n_embd shape) and loaded
+    as `core.py -m HF_DIR` loads it, against one sequence per forward: the downloaded bundle if there, else a
+    synthetic one of the same format."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import core
+    import hellaswag
+
+    with tempfile.TemporaryDirectory() as directory:
+        bundle = core.BUNDLE_DIR if (core.BUNDLE_DIR / "core.yaml").is_file() else \
+            synthetic_bundle(Path(directory) / "bundle", args.core_rows)
+        tasks = core.load_tasks(bundle, args.core_rows)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(n_positions=1024, vocab_size=common.GPT2_VOCAB, n_layer=args.n_layer,
+                                   n_head=args.n_head, n_embd=args.n_embd)).save_pretrained(Path(directory) / "hf")
+        model = hellaswag.load_model(str(Path(directory) / "hf")).to(world.device).eval()
+    items = core.render(tasks)
+    methods = {"core.py: options of 8 items per forward": lambda: core.evaluate(model, tasks, items, world.device,
+                                                                                 dtype, batch_size=8),
+               "one sequence per forward, full logits": lambda: one_sequence_per_forward(model, tasks, items,
+                                                                                          world.device)}
+    rows = []
+    for method, score in methods.items():
+        def measure(score=score):
+            world.synchronize()
+            t0 = time.perf_counter()
+            with common.autocast(world.device_type, dtype):
+                counts = score()
+            world.synchronize()
+            seconds = time.perf_counter() - t0
+            return {"items_per_s": round(len(items) / seconds, 2), "seconds": round(seconds, 1),
+                    "correct": [c for c, _ in counts]}
+
+        rows.append(guarded({"section": "core", "method": method, "items": len(items), "dtype": dtype,
+                             "data": "eval_bundle" if bundle == core.BUNDLE_DIR else "synthetic"},
+                            "items_per_s", measure))
+    if isinstance(rows[0]["items_per_s"], float) and isinstance(rows[1]["items_per_s"], float):
+        rows[0]["speedup"] = round(rows[0]["items_per_s"] / rows[1]["items_per_s"], 2)
+    if rows[0].get("correct") != rows[1].get("correct"):
+        print("warning: the two methods disagree on the accuracies:", rows[0].get("correct"), rows[1].get("correct"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Tokenization
 
 def bench_tokenize(args):
@@ -432,7 +527,7 @@ def bench_tokenize(args):
 # -----------------------------------------------------------------------------
 
 SECTIONS = {"train": bench_train, "loader": lambda a, w, t: bench_loader(a),
-            "hellaswag": bench_hellaswag, "tokenize": lambda a, w, t: bench_tokenize(a)}
+            "hellaswag": bench_hellaswag, "core": bench_core, "tokenize": lambda a, w, t: bench_tokenize(a)}
 
 
 def parse_args(argv=None):
@@ -464,6 +559,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (median)")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="loader: tokens per train shard")
     parser.add_argument("--examples", type=int, default=200, help="hellaswag: examples (val if downloaded)")
+    parser.add_argument("--core_rows", type=int, default=100, help="core: rows per task (the bundle if downloaded)")
     parser.add_argument("--tokenize_mb", type=int, default=100, help="tokenize: MB of jsonl")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenize: worker processes")
     parser.add_argument("--json", default="bench.json", help="write the figures here (after every section)")

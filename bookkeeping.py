@@ -152,13 +152,17 @@ def check_flags(cfg, world, start, shape, lr):
                 *(schedule_problems(cfg, start.step) if cfg.sample is None else [])]  # sampling trains nothing
     if not 0 <= cfg.seed < 2**64:  # numpy's generators refuse negative seeds, torch's anything past 64 bits
         problems.append(f"--seed must be between 0 and 2**64 - 1, not {cfg.seed}")
-    if min(cfg.eval_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every, cfg.keep_checkpoints,
-           cfg.val_tokens) < 0:
-        problems.append("the --*_every, --keep_checkpoints and --val_tokens flags cannot be negative")
+    if min(cfg.eval_every, cfg.hellaswag_every, cfg.core_every, cfg.sample_every, cfg.checkpoint_every,
+           cfg.keep_checkpoints, cfg.val_tokens, cfg.core_max_per_task) < 0:
+        problems.append("the --*_every, --keep_checkpoints, --val_tokens and --core_max_per_task flags cannot be "
+                        "negative")
     if (cfg.sample_every > 0 and not cfg.prompt) or cfg.sample == "":
         problems.append("the samples' prompt is empty: give --prompt TEXT (or --sample_every 0)")
     if cfg.hellaswag_every > 0 and cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
         problems.append(f"--hellaswag_data {cfg.hellaswag_data} is {what_is(cfg.hellaswag_data)}, not a jsonl file")
+    if cfg.core_every > 0 and cfg.core_bundle and what_is(cfg.core_bundle) != "a directory":
+        problems.append(f"--core_bundle {cfg.core_bundle} is {what_is(cfg.core_bundle)}, not an unzipped eval_bundle "
+                        f"directory")
     if world.device_type == "mps" and cfg.dtype == "bfloat16":
         problems.append("--dtype bfloat16 is not supported on MPS: use float32")
     if cfg.wandb is not None and not cfg.wandb.strip():
@@ -376,12 +380,12 @@ class Run:
                f"{W} ranks x {cfg.total_batch_size // (B * T * W)} accumulation steps")
 
     def record(self, step, kind, value, **extra):
-        """One `{step} {kind} {value}` line of log.txt (train 6 decimals, val/hella 4), and the same to W&B."""
+        """One `{step} {kind} {value}` line of log.txt (train 6 decimals, val/hella/core 4), and the same to W&B."""
         self.write(f"{step} {kind} {value:.6f}" if kind == "train" else f"{step} {kind} {value:.4f}")
         if kind != "train":
-            print0(f"step {step:5d} | {'val loss' if kind == 'val' else 'HellaSwag'} {value:.4f}")
+            print0(f"step {step:5d} | {({'val': 'val loss', 'hella': 'HellaSwag', 'core': 'CORE'})[kind]} {value:.4f}")
         if self.wandb is not None:
-            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+            names = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm", "core": "core/metric"}
             self.wandb.log({names[kind]: value, **extra}, step=step)
 
     def report_step(self, step, loss, lr, norm, dt, tokens_per_sec, mfu):

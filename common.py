@@ -23,6 +23,7 @@ from pathlib import Path
 
 GPT2_VOCAB = 50257  # GPT-2's tokenizer: 50,000 merges + 256 bytes + <|endoftext|>
 EOT = 50256  # GPT-2's <|endoftext|>, its last id: starts every document
+GPT2_124M_CORE = 0.1139  # OpenAI's GPT-2 124M's CORE, as nanochat measured it (core.py prints it, plot.py draws it)
 
 
 class UserError(Exception):

@@ -40,7 +40,6 @@ KINDS = ("multiple_choice", "schema", "language_modeling")
 FIELDS = {"multiple_choice": {"query": str, "choices": list, "gold": int},  # what each kind of row holds
           "schema": {"context_options": list, "continuation": str, "gold": int},
           "language_modeling": {"context": str, "continuation": str}}
-GPT2_124M_CORE = 0.1139  # OpenAI's GPT-2 124M, as nanochat measured it (plot.py's reference line)
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +322,7 @@ def print_table(tasks, summary):
     for task in tasks:
         r = summary["tasks"][task.label]
         print(f"{task.label:<32} {task.shots:>5}  {task.kind:<17} {r['accuracy']:>8.4f} {r['centered']:>8.4f}")
-    print(f"CORE {summary['core']:.4f} ({len(tasks)} tasks; OpenAI's GPT-2 124M: {GPT2_124M_CORE})")
+    print(f"CORE {summary['core']:.4f} ({len(tasks)} tasks; OpenAI's GPT-2 124M: {common.GPT2_124M_CORE})")
 
 
 def main(argv=None):

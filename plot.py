@@ -1,6 +1,6 @@
 """
-Plot training logs: log.txt -> train loss, val loss and HellaSwag curves, with reference lines for the corpus the
-runs trained on (GPT-2 and GPT-3 on FineWeb-Edu; unigram and bigram models on Molière).
+Plot training logs: log.txt -> train loss, val loss, HellaSwag and CORE curves, with reference lines for the corpus
+the runs trained on (GPT-2 and GPT-3 on FineWeb-Edu; unigram and bigram models on Molière) and GPT-2 124M's CORE.
 
     python plot.py log_moliere/log.txt                        # -> log_moliere/train_loss.png, val_loss.png
     python plot.py log/log.txt                                # -> log/train_loss.png, val_loss.png, hellaswag.png
@@ -12,7 +12,8 @@ The PNGs go beside the log (several logs: into the first one's directory, overla
 directory, so plotting a run of your own never overwrites the committed results/*.png. Train loss is drawn raw
 (faint) and smoothed (a line fitted over the steps within --smooth 0.1 = 10% of each step; see smooth()).
 
-A log holds one record per line, `{step} train {loss}`, `{step} val {loss}`, `{step} hella {acc_norm}`;
+A log holds one record per line, `{step} train {loss}`, `{step} val {loss}`, `{step} hella {acc_norm}`, `{step}
+core {core}`;
 lines starting with `#` are comments except `# config {json}`, whose total_batch_size gives tokens per step
 and whose data says what the run trained on. A metric no log has records of gets no PNG.
 """
@@ -25,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_write
+from common import GPT2_124M_CORE, UserError, atomic_write
 
 # The record kinds we plot (others: lr, norm, sample, ... are skipped) -> (file, what it shows, name in messages)
 METRICS = {"train": ("train_loss.png", "train loss", "train loss"),
            "val": ("val_loss.png", "val loss", "val loss"),
-           "hella": ("hellaswag.png", "HellaSwag acc_norm", "HellaSwag")}
+           "hella": ("hellaswag.png", "HellaSwag acc_norm", "HellaSwag"),
+           "core": ("core.png", "CORE (centered accuracy, 22 tasks)", "CORE")}
 KINDS = tuple(METRICS)
 DEFAULT_DATA = "edu_fineweb10B"  # train_gpt2.py's --data default: a config without "data" trained on FineWeb-Edu
 # GPT-2 124M as released by OpenAI, measured the same way we measure (build-nanogpt's numbers):
@@ -42,12 +44,14 @@ GPT2_HELLA, GPT3_HELLA = 0.2955, 0.337  # HellaSwag acc_norm; GPT-3 124M's (zero
 MOLIERE_UNIGRAM, MOLIERE_BIGRAM = 5.97, 3.72
 # Reference lines: (corpus, value, label, colour, style), in black and grey so they never share a colour with a run
 # (runs take C0, C1, ...). A line is drawn only when a run trained on its corpus (see corpus()): a loss on other text
-# is not comparable with it, and a Molière run's HellaSwag says little.
+# is not comparable with it, and a Molière run's HellaSwag says little. CORE's (corpus None) is drawn for every run:
+# it is the field's yardstick whatever the model read.
 REFERENCES = {"val": [("fineweb-edu", GPT2_VAL_LOSS, "GPT-2 124M on FineWeb-Edu val", "black", "--"),
                       ("moliere", MOLIERE_UNIGRAM, "unigram model on Molière val", "grey", ":"),
                       ("moliere", MOLIERE_BIGRAM, "bigram model on Molière val", "black", "-.")],
               "hella": [("fineweb-edu", GPT2_HELLA, "GPT-2 124M", "black", "--"),
-                        ("fineweb-edu", GPT3_HELLA, "GPT-3 124M, its paper", "grey", ":")]}
+                        ("fineweb-edu", GPT3_HELLA, "GPT-3 124M, its paper", "grey", ":")],
+              "core": [(None, GPT2_124M_CORE, "GPT-2 124M, as nanochat measured it", "black", "--")]}
 
 
 def parse_log(path):
@@ -83,7 +87,7 @@ def parse_log(path):
             continue
         log[kind][step] = value  # a step logged again after a resume: the later line wins
     if not any(log[kind] for kind in KINDS):
-        raise UserError(f"no train/val/hella records in {path}")
+        raise UserError(f"no {'/'.join(KINDS)} records in {path}")
     return log
 
 
@@ -188,10 +192,10 @@ def plot_metric(plt, runs, kind, frac=0, tokens_per_step=None):
         ax.plot([], [], color="grey", alpha=0.5, linewidth=0.8, label="faint: raw, each step")
     corpora = {corpus(log) for _, log in runs if log[kind]}
     for name, value, text, color, style in REFERENCES.get(kind, []):
-        if name in corpora:
+        if name is None or name in corpora:
             ax.axhline(value, color=color, linestyle=style, linewidth=1, label=f"{text} ({value})")
     ax.set_title(title(what, [label for label, log in runs if log[kind]]))
-    if kind != "hella":  # a loss falling from ~11 to ~3 reads better on a log scale, with plain-number ticks
+    if kind in ("train", "val"):  # a loss falling from ~11 to ~3 reads better on a log scale, with plain-number ticks
         what += " (nats per token, log scale)"
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
@@ -221,7 +225,7 @@ def summary(label, log, tokens_per_step, frac):
         if frac:
             final += f", {smooth(steps, [log['train'][s] for s in steps], frac)[-1]:.4f} (smoothed)"
         parts.append(f"{steps[-1] + 1} steps, {tokens / scale:.2f}{unit} tokens, {final}")
-    for kind, name, best in (("val", "min val loss", min), ("hella", "max HellaSwag", max)):
+    for kind, name, best in (("val", "min val loss", min), ("hella", "max HellaSwag", max), ("core", "max CORE", max)):
         if log[kind]:
             step = best(log[kind], key=log[kind].get)
             parts.append(f"{name} {log[kind][step]:.4f} @ step {step}")
@@ -231,7 +235,7 @@ def summary(label, log, tokens_per_step, frac):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot train/val loss and HellaSwag from log.txt files.")
+    parser = argparse.ArgumentParser(description="Plot train/val loss, HellaSwag and CORE from log.txt files.")
     parser.add_argument("logs", nargs="+", help="log.txt files (train_gpt2.py's or build-nanogpt's)")
     parser.add_argument("--labels", nargs="+", help="legend label per log (default: each log's directory name)")
     parser.add_argument("--out", help="output dir (default: the log's own directory; with several logs, the first "

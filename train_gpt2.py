@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import bookkeeping
+import core
 import hellaswag
 from bookkeeping import COMMAND, MACHINE, MATH, RUN
 from checkpoints import load_checkpoint, restore_checkpoint
@@ -603,6 +604,28 @@ def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop):
     return n, correct / max(n, 1)  # n is 0 only when a stop request cut it short
 
 
+def load_core(cfg, world, raw_model):
+    """CORE's tasks and their items, tokenized once per run (rank 0 downloads the bundle while the others wait)."""
+    bundle = cfg.core_bundle
+    if bundle is None:
+        bookkeeping.on_master(world, core.download)
+        bundle = core.BUNDLE_DIR
+    tasks = core.load_tasks(bundle, cfg.core_max_per_task or None)
+    items = core.render(tasks)
+    try:
+        core.check_fits(raw_model, items)
+    except UserError as e:
+        raise UserError(f"{e}: use --core_every 0") from None
+    return tasks, items
+
+
+def evaluate_core(raw_model, tasks, items, world, batch_size, dtype, stop):
+    """CORE, each rank scoring its share of every task's items; returns core.summarize's dict."""
+    counts = core.evaluate(raw_model, tasks, items, world.device, dtype, batch_size, world.rank, world.world_size,
+                           stop)
+    return core.summarize(tasks, [[int(all_reduce(c, world)) for c in pair] for pair in counts])
+
+
 def sample_text(raw_model, prompt, max_new_tokens, seed, device):
     """Four continuations of prompt, drawn with a generator of their own (training RNG untouched)."""
     enc = get_tokenizer()
@@ -694,6 +717,10 @@ class TrainConfig:
     val_tokens: int = flag(10485760, "val tokens per measurement, in total across ranks", RUN)
     hellaswag_every: int = flag(250, "steps between HellaSwag evaluations", RUN)
     hellaswag_data: str = flag(None, "a local HellaSwag jsonl instead of the download", RUN)
+    core_every: int = flag(0, "steps between CORE evaluations (core.py: DCLM's 22 in-context tasks, centered)", RUN)
+    core_bundle: str = flag(None, "an unzipped CORE eval_bundle/ instead of the download", RUN)
+    core_max_per_task: int = flag(500, "rows of each CORE task in training (0: all; nanochat's training uses 500)",
+                                  RUN)
     sample_every: int = flag(250, "steps between printed samples", RUN)
     prompt: str = flag("Hello, I'm a language model,", "the samples' prompt", RUN)
     checkpoint_every: int = flag(5000, "steps between checkpoints (also one at the end)", RUN)
@@ -808,6 +835,7 @@ def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader
     grad_accum_steps = cfg.total_batch_size // (B * T * W)
     val_steps = max(1, cfg.val_tokens // (B * T * W))  # the same val tokens for any world size
     hella_examples = load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
+    core_items = load_core(cfg, world, raw_model) if cfg.core_every > 0 else None  # (tasks, items)
     val_loss = run.start.val_loss  # the latest val loss, which each checkpoint records
     for step in range(run.start.step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps  # evaluations and a checkpoint once more after the last update
@@ -825,6 +853,11 @@ def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader
             if run.stop_on_any_rank():
                 return run.save_and_stop(step, raw_model, optimizers, train_loader, val_loss)
             run.record(step, "hella", acc_norm, examples=n)
+        if due(cfg.core_every, step, last_step):
+            score = evaluate_core(raw_model, *core_items, world, max(1, B // 4), dtype, run.stop_signalled)
+            if run.stop_on_any_rank():
+                return run.save_and_stop(step, raw_model, optimizers, train_loader, val_loss)
+            run.record(step, "core", score["core"])
         if due(cfg.sample_every, step, last_step) and world.is_master and not run.stop_signalled():
             print_samples(raw_model, cfg.prompt, 32, cfg.seed, world, dtype)
         if run.checkpoint_due(step, last_step):

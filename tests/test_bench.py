@@ -110,3 +110,24 @@ def test_help_describes_the_sections_and_defaults(capsys):
     for section in bench.SECTIONS:
         assert f"\n  {section} " in text
     assert "real step" in text and "2**19" in text and "Defaults:" in text
+
+
+def test_core_rows_time_the_same_items_both_ways_in_the_bundles_format(tmp_path, monkeypatch):
+    """The core section scores one item set (a synthetic bundle that core.py itself reads) both ways; in float32
+    the two count the same items right, and the batched way is the one core.py runs."""
+    import core
+
+    monkeypatch.setattr(core, "BUNDLE_DIR", tmp_path / "no_bundle")  # the synthetic one, as offline
+    paragraphs = [" ".join(f"w{(7 * i + j) % 97}" for j in range(80)) for i in range(20)]  # (Moliere's, offline)
+    monkeypatch.setattr(bench, "moliere_paragraphs", lambda: paragraphs)
+    out = tmp_path / "bench.json"
+    bench.main(["--only", "core", "--device", "cpu", "--dtype", "float32", "--n_layer", "1", "--n_head", "2",
+                "--n_embd", "32", "--core_rows", "12", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["core.py: options of 8 items per forward",
+                                          "one sequence per forward, full logits"]
+    assert rows[0]["items"] == 36 and rows[0]["correct"] == rows[1]["correct"] and rows[0]["data"] == "synthetic"
+    assert rows[0]["speedup"] > 0
+    tasks = core.load_tasks(bench.synthetic_bundle(tmp_path / "again", 12))  # the same rows: the format is core's
+    assert [t.kind for t in tasks] == ["multiple_choice", "schema", "language_modeling"]
+    assert [t.shots for t in tasks] == [3, 1, 1] and all(len(t.rows) == 12 for t in tasks)

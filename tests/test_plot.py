@@ -214,6 +214,19 @@ def test_overlay_labels_runs_by_directory_in_distinct_colours(tmp_path, monkeypa
     assert "\nlog_moliere | 60 steps" in out and "\nlog_moliere_modern | 60 steps" in out
 
 
+@pytest.mark.parametrize("config", ['{"total_batch_size": 524288}', '{"data": "input/moliere.txt"}'])
+def test_core_is_drawn_with_gpt2s_score_for_every_run(tmp_path, monkeypatch, capsys, config):
+    """train_gpt2.py's `{step} core {value}` records: core.png, GPT-2 124M's 0.1139 dashed whatever the corpus (the
+    yardstick does not depend on what the model read), on a linear axis; the summary names the best."""
+    text = fake_run(40, config=config) + "".join(f"{s} core {0.01 * s / 10:.4f}\n" for s in (0, 10, 20, 30))
+    path = write(tmp_path / "run" / "log.txt", text)
+    shown = run_main(monkeypatch, [str(path), "--out", str(tmp_path / "out")])
+    assert shown["core"]["refs"] == [0.1139] and shown["core"]["yscale"] == "linear"
+    assert shown["core"]["legend"] == ["run", "GPT-2 124M, as nanochat measured it (0.1139)"]
+    assert list(shown["core"]["curves"].values())[0].tolist() == [0.0, 0.01, 0.02, 0.03]
+    assert "max CORE 0.0300 @ step 30" in capsys.readouterr().out
+
+
 def test_figures_have_titles_and_say_which_axis_is_logarithmic(tmp_path, monkeypatch):
     first = write(tmp_path / "run_a" / "log.txt", fake_run(60))
     second = write(tmp_path / "run_b" / "log.txt", fake_run(60, 0.5))
@@ -334,10 +347,10 @@ def test_missing_file_and_empty_log_are_one_line_errors(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"plot.py: error: no such log file: {tmp_path / 'nope.txt'}\n"
     empty = write(tmp_path / "log.txt", "# config {}\n\nnot a record\n")
-    with pytest.raises(UserError, match="no train/val/hella records in"):
+    with pytest.raises(UserError, match="no train/val/hella/core records in"):
         plot.parse_log(empty)
     with pytest.raises(SystemExit) as exit_info:
         plot.main([str(empty), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == f"plot.py: error: no train/val/hella records in {empty}\n"
+    assert capsys.readouterr().err == f"plot.py: error: no train/val/hella/core records in {empty}\n"
     assert not (tmp_path / "out").exists()  # failed before writing anything

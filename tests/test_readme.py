@@ -36,7 +36,7 @@ def commands():
 def needs_more_than_a_cpu(argv):
     """The network (a hub model, FineWeb-Edu, HellaSwag), a GPU, or the full recipe's data, as the README says."""
     text = " ".join(argv)
-    return (argv[0] in ("torchrun", "pip", "lm_eval") or "hellaswag.py" in text
+    return (argv[0] in ("torchrun", "pip", "lm_eval") or "hellaswag.py" in text or "core.py" in text
             or "--init_from gpt2" in text or argv[1:] in (["fineweb.py"], ["fineweb.py", "--streaming"])
             or ("train_gpt2.py" in text and "moliere" not in text) or "log/log.txt" in text)
 

@@ -282,23 +282,31 @@ def test_indivisible_batch_names_the_valid_micro_batch_sizes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_hellaswag_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
-    """Each rank scores a share; the summed counts give the acc_norm of scoring everything in one process."""
+def test_hellaswag_and_core_in_the_loop_two_ranks_equal_one_process(shards, tmp_path):
+    """Each rank scores a share; the summed counts give the scores of everything in one process, which are those of
+    hellaswag.py's and core.py's own scorers on the checkpoint."""
+    import core
     import hellaswag
+    from test_core import write_bundle
     from test_hellaswag import make_examples, write_examples
 
     data_file = write_examples(tmp_path / "hella.jsonl", make_examples(n=14, seed=3))
+    bundle = write_bundle(tmp_path / "eval_bundle")
     args = TINY + ["--data", str(shards), "--vocab_size", "50304", "--block_size", "128", "--max_steps", "2",
-                   "--warmup_steps", "1",
-                   "--eval_every", "0",
-                   "--hellaswag_every", "2", "--hellaswag_data", str(data_file), "--checkpoint_every", "2"]
+                   "--warmup_steps", "1", "--eval_every", "0", "--checkpoint_every", "2",
+                   "--hellaswag_every", "2", "--hellaswag_data", str(data_file), "--core_every", "2",
+                   "--core_bundle", str(bundle)]
     torchrun_cpu(args, tmp_path / "ddp")
     train_gpt2.main(args + ["--log_dir", str(tmp_path / "single")])
     ddp, single = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
-    assert ddp[0, "hella"] == single[0, "hella"] and ddp[2, "hella"] == single[2, "hella"]
+    for key in ((0, "hella"), (2, "hella"), (0, "core"), (2, "core")):
+        assert ddp[key] == single[key], key
     model = train_gpt2.GPT.from_checkpoint(tmp_path / "single" / "model_00002.pt")
     result = hellaswag.evaluate(model, list(hellaswag.iterate_examples("val", data_file)), "cpu")
     assert single[2, "hella"] == f"{result['acc_norm']:.4f}" and result["n"] == 14
+    tasks = core.load_tasks(bundle)
+    score = core.summarize(tasks, core.evaluate(model, tasks, core.render(tasks), "cpu"))["core"]
+    assert single[2, "core"] == f"{score:.4f}"
 
 
 # -- the quick start's corpus and starting from Hugging Face weights ------------------------------------------
