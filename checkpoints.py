@@ -104,7 +104,8 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
     if world.is_master and failed is None:
         checkpoint = {
             "model": model_state,  # the uncompiled module: no _orig_mod. or module. prefixes
-            "config": dataclasses.asdict(raw_model.config), "step": step, "val_loss": val_loss,
+            "config": dataclasses.asdict(raw_model.config), "revision": raw_model.revision, "step": step,
+            "val_loss": val_loss,
             "optimizer": optimizer_state, "loaders": [r["loader"] for r in ranks],
             "rng": [r["rng"] for r in ranks], "args": dataclasses.asdict(cfg),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_commit(), "torch": str(torch.__version__),

@@ -98,6 +98,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    revision = 1  # what the class computes; raised when the same weights start to compute another function
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -207,13 +209,7 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path):
         """The model saved in one of our checkpoints (model_XXXXX.pt), for evaluation and sampling."""
-        checkpoint = load_checkpoint(path)
-        try:  # the recipe (gpt2 or modern) that trained it picks the class
-            model = RECIPES[checkpoint.get("args", {}).get("recipe", "gpt2")](GPTConfig(**checkpoint["config"]))
-            model.load_state_dict(checkpoint["model"])
-        except (TypeError, RuntimeError, KeyError) as e:  # other keys or shapes than our GPT's, another recipe
-            raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({first_line(e)})") from None
-        return model
+        return model_of_checkpoint(load_checkpoint(path), path)
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
         """[AdamW], with weight decay on matrices only: decaying biases and LayerNorm gains helps nothing.
@@ -243,6 +239,24 @@ class GPT(nn.Module):
             next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def model_of_checkpoint(checkpoint, path):
+    """The model in a loaded checkpoint, built by the recipe (gpt2 or modern) that trained it. Refused when that
+    recipe's model has changed what it computes since (its revision): the weights would load and mean nothing."""
+    recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
+    model_class, saved = RECIPES.get(recipe, GPT), checkpoint.get("revision", 1)  # files before revisions: 1
+    if saved != model_class.revision:
+        made_by = f" (git {checkpoint['git']})" if checkpoint.get("git") else ""
+        raise UserError(f"{path} holds revision {saved} of the {recipe} recipe's model; this train_gpt2.py computes "
+                        f"revision {model_class.revision} ({model_class.__name__}.revision), another function of the "
+                        f"same weights: train it again, or use the train_gpt2.py that made it{made_by}")
+    try:
+        model = model_class(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError, KeyError) as e:  # other keys or shapes than our GPT's, another recipe
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({first_line(e)})") from None
+    return model
 
 
 def gpt_config_of(hf_config, name):
@@ -328,6 +342,8 @@ class SoftCappedLinear(nn.Linear):
 class ModernGPT(GPT):
     """GPT with the changes above; from GPT it keeps forward, generate, from_checkpoint and the weight init helper."""
 
+    revision = 2  # 2: the RMSNorm after the token embedding (a revision-1 checkpoint was trained without it)
+
     def __init__(self, config):
         nn.Module.__init__(self)  # not GPT.__init__: none of GPT-2's modules are built
         self.config = config
@@ -356,7 +372,9 @@ class ModernGPT(GPT):
         hs = self.config.n_embd // self.config.n_head
         theta = 10000.0 ** (-torch.arange(0, hs, 2, device=idx.device, dtype=torch.float32) / hs)  # (hs/2,)
         angles = pos.view(-1, 1, pos.size(-1), 1).float() * theta  # (B or 1, 1, T, hs/2): broadcast over heads
-        x = self.transformer.wte(idx)
+        # RMSNorm of the embedding too (nanochat, modded-nanogpt): the blocks start from a unit-scale stream whatever
+        # scale the embedding's own learning rate gives its rows, and transformers' NanoChat computes the same
+        x = rms_norm(self.transformer.wte(idx))
         cos, sin = angles.cos(), angles.sin()  # float32; rotary() applies them in q's and k's dtype
         for block in self.transformer.h:
             x = block(x, cos, sin, attn_mask)
@@ -875,13 +893,11 @@ def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader
             return run.save_and_stop(step + 1, raw_model, optimizers, train_loader, val_loss)
 
 
-def create_model(cfg, config, checkpoint):
-    """A checkpoint's model (resumed, or a .pt to fine-tune), OpenAI's GPT-2 from the hub, or a fresh one."""
+def create_model(cfg, config, checkpoint, start):
+    """A checkpoint's model (resumed, or a .pt to fine-tune), a Hugging Face model, or a fresh one."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if checkpoint is not None:
-        model = RECIPES[cfg.recipe](config)
-        model.load_state_dict(checkpoint["model"])
-        return model
+        return model_of_checkpoint(checkpoint, start.resumed_from or cfg.init_from)
     if cfg.init_from == "scratch":
         return RECIPES[cfg.recipe](config)
     return GPT.from_pretrained(cfg.init_from)
@@ -896,7 +912,7 @@ def train(cfg, world, given=()):
     bookkeeping.check_flags(cfg, world, start, config, lr_multiplier(cfg))
     bookkeeping.check_memory(RECIPES[cfg.recipe], config, cfg, world)  # a model too big is one line, not a traceback
     dtype = resolve_dtype(cfg.dtype, world.device_type)
-    raw_model = create_model(cfg, config, checkpoint).to(world.device)
+    raw_model = create_model(cfg, config, checkpoint, start).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
         return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
