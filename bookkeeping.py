@@ -29,8 +29,8 @@ import torch
 
 from checkpoints import (check_resume_flags, checkpoint_step, find_resume_checkpoint, git_commit, list_checkpoints,
                          load_checkpoint, save_checkpoint)
-from common import (UserError, all_reduce, atomic_write, autocast, download_moliere, first_line, lock_directory,
-                    print0, what_is)
+from common import (HF_RECIPES, UserError, all_reduce, atomic_write, autocast, download_moliere, first_line,
+                    lock_directory, print0, what_is)
 
 HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
 
@@ -85,6 +85,7 @@ def settle(cfg, given, world):
     else:
         if cfg.init_from.endswith(".pt"):
             checkpoint = load_checkpoint(cfg.init_from)
+        if cfg.init_from != "scratch":
             cfg = dataclasses.replace(cfg, recipe=fine_tuned_recipe(cfg, given, checkpoint))
         if cfg.sample is None and list_checkpoints(cfg.log_dir):
             raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run: continue it with --resume, or "
@@ -99,8 +100,17 @@ def settle(cfg, given, world):
 
 
 def fine_tuned_recipe(cfg, given, checkpoint):
-    """A .pt to fine-tune gives its --recipe; another one given is refused (its weights would not fit)."""
-    recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
+    """The model to fine-tune gives --recipe: a .pt its own, a Hugging Face directory its model_type's (nanochat, the
+    modern recipe's export: modern), a GPT-2 from the hub gpt2; another one given is refused (its weights would not
+    fit, or would compute another function)."""
+    if checkpoint is not None:
+        recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
+    else:
+        try:  # a model type no recipe computes is refused with the shape (train_gpt2.gpt_config_of)
+            model_type = json.loads((Path(cfg.init_from) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):  # a hub name, or a config.json that the shape check explains
+            model_type = None
+        recipe = HF_RECIPES.get(model_type, "gpt2")
     if "recipe" in given and recipe != cfg.recipe:
         raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
     return recipe
@@ -200,9 +210,6 @@ def shape_problems(cfg, shape):
         problems.append(f"-T {cfg.seq_len} is longer than the model's block_size {shape.block_size}")
     if shape.n_head and shape.n_embd % shape.n_head:
         problems.append(f"--n_embd {shape.n_embd} is not a multiple of --n_head {shape.n_head}")
-    if cfg.recipe == "modern" and cfg.init_from != "scratch" and not cfg.init_from.endswith(".pt"):
-        problems.append(f"--recipe modern cannot start from {cfg.init_from}: GPT-2's weights do not fit its "
-                        f"architecture (start from scratch or from a modern .pt checkpoint)")
     return problems
 
 

@@ -371,23 +371,45 @@ GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes, by th
 }
 
 
-def gpt2_differences(config):
-    """The settings in which a transformers config differs from the GPT-2 that train_gpt2.GPT computes; empty when
-    it computes it exactly: the same activation, MLP width, LayerNorm epsilon, attention scaling and tied head.
-    (Cerebras-GPT, for one, is a "gpt2" with another activation: loaded into our GPT it would compute something
-    else, silently.)"""
+HF_RECIPES = {"gpt2": "gpt2", "nanochat": "modern"}  # a Hugging Face model_type -> the --recipe whose model computes it
+FLOAT32_EPS = 2.0 ** -23  # torch.finfo(torch.float32).eps: the epsilon F.rms_norm adds in float32
+
+
+def hf_differences(config):
+    """The settings in which a transformers config differs from a model that train_gpt2.py computes; empty when it
+    computes it exactly: GPT-2 (model_type "gpt2", train_gpt2.GPT: the same activation, MLP width, LayerNorm epsilon,
+    attention scaling and tied head), or the modern recipe's model as its save_pretrained writes it ("nanochat",
+    ModernGPT: ReLU², 4x MLP, one key/value head per query head, F.rms_norm's epsilon, rotary theta 10000, soft-cap 15,
+    untied head). Cerebras-GPT, for one, is a "gpt2" with another activation: loaded into our GPT it would compute
+    something else, silently; a model of another type is ["model_type"]."""
     get = functools.partial(getattr, config)
-    checks = {
-        "model_type": get("model_type", None) == "gpt2",
-        "activation_function": get("activation_function", None) in ("gelu_new", "gelu_pytorch_tanh"),
-        "n_inner": get("n_inner", None) in (None, 4 * get("n_embd", 0)),
-        "layer_norm_epsilon": get("layer_norm_epsilon", None) == 1e-5,
-        "scale_attn_weights": get("scale_attn_weights", True),
-        "scale_attn_by_inverse_layer_idx": not get("scale_attn_by_inverse_layer_idx", False),
-        "reorder_and_upcast_attn": not get("reorder_and_upcast_attn", False),
-        "tie_word_embeddings": get("tie_word_embeddings", True),
-        "add_cross_attention": not get("add_cross_attention", False),
-    }
+    model_type, width = get("model_type", None), get("n_embd", None) or get("hidden_size", 0)
+    if model_type == "gpt2":
+        checks = {
+            "activation_function": get("activation_function", None) in ("gelu_new", "gelu_pytorch_tanh"),
+            "n_inner": get("n_inner", None) in (None, 4 * width),
+            "layer_norm_epsilon": get("layer_norm_epsilon", None) == 1e-5,
+            "scale_attn_weights": get("scale_attn_weights", True),
+            "scale_attn_by_inverse_layer_idx": not get("scale_attn_by_inverse_layer_idx", False),
+            "reorder_and_upcast_attn": not get("reorder_and_upcast_attn", False),
+            "tie_word_embeddings": get("tie_word_embeddings", True),
+            "add_cross_attention": not get("add_cross_attention", False),
+        }
+    elif model_type == "nanochat":
+        heads, rope = get("num_attention_heads", 1), get("rope_parameters", None) or {}
+        checks = {
+            "hidden_act": get("hidden_act", None) == "relu2",
+            "intermediate_size": get("intermediate_size", None) == 4 * width,
+            "num_key_value_heads": get("num_key_value_heads", None) in (None, heads),
+            "head_dim": get("head_dim", None) in (None, width // heads),
+            "rms_norm_eps": get("rms_norm_eps", None) == FLOAT32_EPS,  # F.rms_norm's default in float32
+            "rope_parameters": rope.get("rope_type", "default") == "default" and rope.get("rope_theta") == 10000.0,
+            "final_logit_softcapping": get("final_logit_softcapping", None) == 15.0,  # SoftCappedLinear.cap
+            "attention_bias": not get("attention_bias", False),
+            "tie_word_embeddings": not get("tie_word_embeddings", False),
+        }
+    else:
+        return ["model_type"]
     return [name for name, ok in checks.items() if not ok]
 
 

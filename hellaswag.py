@@ -273,13 +273,6 @@ def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=F
 # Command line
 
 
-def loads_into_our_gpt(config):
-    """True when a transformers config describes a GPT-2 that train_gpt2.GPT computes exactly (the rules live in
-    common.gpt2_differences, which the export shares); any other (Cerebras-GPT, for one, is a "gpt2" with another
-    activation) goes through transformers."""
-    return not common.gpt2_differences(config)
-
-
 def model_problem(name):
     kind = common.path_kind(name)
     if kind is None and name not in GPT2_NAMES:
@@ -327,9 +320,10 @@ def check_paths(args):
 def load_model(name):
     """One of our checkpoints (a file), a Hugging Face directory, or one of OpenAI's GPT-2s from the hub.
 
-    GPT-2s, ours or Hugging Face's, load into train_gpt2.GPT (the same logits) for its packed rows: on a CPU
-    1.5x transformers' model with 4 rows per example, 5-6x build-nanogpt's one example per forward (bench.py).
-    Other architectures load through transformers.
+    What one of our recipes computes exactly (common.hf_differences: GPT-2s, ours or Hugging Face's, and exports
+    of the modern recipe) loads into train_gpt2's model, the same logits, for its packed rows: on a CPU 1.5x
+    transformers' model with 4 rows per example, 5-6x build-nanogpt's one example per forward (bench.py). Other
+    architectures (and GPT-2 variants such as Cerebras-GPT) load through transformers.
     """
     # The one import of train_gpt2 from below it, and a lazy one: train_gpt2.py imports this file (at the top it
     # would be loaded twice under `python train_gpt2.py`, with two UserError classes); the CLI is the one user.
@@ -346,7 +340,7 @@ def load_model(name):
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported only when needed
 
     try:
-        if name in GPT2_NAMES or loads_into_our_gpt(AutoConfig.from_pretrained(name)):
+        if name in GPT2_NAMES or not common.hf_differences(AutoConfig.from_pretrained(name)):
             return train_gpt2.GPT.from_pretrained(name)
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)  # autocast decides the compute
     except (OSError, ValueError, KeyError) as e:  # offline, no config.json, an architecture transformers lacks

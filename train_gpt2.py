@@ -34,9 +34,9 @@ import core
 import hellaswag
 from bookkeeping import COMMAND, MACHINE, MATH, RUN
 from checkpoints import load_checkpoint, restore_checkpoint
-from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, UserError, all_reduce, autocast, check_tokens, export_directory,
-                    first_line, get_tokenizer, gpt2_differences, load_shard, pick_device, print0, read_text_file,
-                    resolve_dtype, save_hf_tokenizer, split_paths)
+from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, HF_RECIPES, UserError, all_reduce, autocast, check_tokens,
+                    export_directory, first_line, get_tokenizer, hf_differences, load_shard, pick_device, print0,
+                    read_text_file, resolve_dtype, save_hf_tokenizer, split_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, module names as in Hugging Face so weights map one to one.
@@ -160,50 +160,66 @@ class GPT(nn.Module):
     # -- Hugging Face interop: our module names equal theirs; their Conv1D stores weights as (in, out)
     HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
+    def hf_config(self):
+        """The config of the transformers model that computes this one exactly: GPT2LMHeadModel."""
+        from transformers import GPT2Config  # imported here: heavy, and only these paths need it
+
+        c = self.config
+        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                          n_head=c.n_head, activation_function="gelu_new",
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
+                          bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
+
+    def hf_weights(self):
+        """Our weights under that model's names and layout."""
+        return {k: v.t() if k.endswith(self.HF_TRANSPOSED) else v for k, v in self.state_dict().items()}
+
+    def load_hf_weights(self, theirs):
+        """The inverse of hf_weights: that model's weights (name -> tensor) into this one."""
+        self.load_state_dict({k: v.t() if k.endswith(self.HF_TRANSPOSED) else v for k, v in theirs.items()})
+
     @classmethod
     def from_pretrained(cls, name_or_path):
-        """GPT-2 weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF directory."""
-        from transformers import GPT2LMHeadModel  # imported here: heavy, and only this path needs it
+        """A Hugging Face model that one of our recipes computes exactly, into that recipe's class: OpenAI's GPT-2
+        from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory into GPT, an export of
+        the modern recipe (transformers' NanoChat) into ModernGPT."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except OSError as e:  # not on the hub, not cached and offline, or not a model directory
+            hf_config = AutoConfig.from_pretrained(name_or_path)
+            config = gpt_config_of(hf_config, name_or_path)  # refuses what no recipe computes exactly
+            hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        except (OSError, ValueError) as e:  # not on the hub, offline and not cached, not a model directory
             raise UserError(f"could not load {name_or_path} ({first_line(e)}); "
                             f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
-        model = cls(gpt_config_of(hf.config, name_or_path))
-        ours = model.state_dict()
+        model = RECIPES[HF_RECIPES[hf_config.model_type]](config)
         # older transformers versions also keep causal-mask buffers (attn.bias): not weights, skipped
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        if set(ours) != set(theirs):
-            different = sorted(set(ours) ^ set(theirs))[:5]
-            raise UserError(f"{name_or_path}: weights do not match GPT-2's layout: {different}")
-        with torch.no_grad():
-            for k, v in theirs.items():
-                ours[k].copy_(v.t() if k.endswith(cls.HF_TRANSPOSED) else v)
+        try:
+            model.load_hf_weights(theirs)
+        except (KeyError, RuntimeError) as e:  # a missing or an extra weight, another shape
+            raise UserError(f"{name_or_path}: weights do not match {hf_config.model_type}'s layout "
+                            f"({first_line(e)})") from None
         return model
 
     def save_pretrained(self, directory):
         """A self-contained Hugging Face directory: config.json, model.safetensors and GPT-2's tokenizer files,
-        so transformers' AutoTokenizer, pipeline(), lm-eval-harness and the hub work from it alone. Written into a
-        temporary directory and renamed into place: an export is complete (tokenizer included) or not there."""
-        from transformers import GPT2Config, GPT2LMHeadModel
+        so transformers' AutoModelForCausalLM, AutoTokenizer, pipeline(), lm-eval-harness and the hub work from it
+        alone, without remote code. Written into a temporary directory and renamed into place: an export is
+        complete (tokenizer included) or not there."""
+        from transformers import AutoModelForCausalLM
 
-        c = self.config
-        hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                               n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
-                               bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
-        hf = GPT2LMHeadModel(hf_config)
+        hf = AutoModelForCausalLM.from_config(self.hf_config())
         theirs = hf.state_dict()
         with torch.no_grad():
-            for k, v in self.state_dict().items():
-                theirs[k].copy_(v.t() if k.endswith(self.HF_TRANSPOSED) else v)
+            for k, v in self.hf_weights().items():
+                theirs[k].copy_(v)
 
         def write(tmp):
             hf.save_pretrained(tmp)
             # GPT-2's tokenizer beside the weights (transformers 5 builds an empty one when the files are missing),
             # and suppress_tokens for the padded ids in generation_config.json, so transformers never samples them
-            save_hf_tokenizer(tmp, vocab_size=c.vocab_size, model_max_length=c.block_size)
+            save_hf_tokenizer(tmp, vocab_size=self.config.vocab_size, model_max_length=self.config.block_size)
         export_directory(directory, write)
 
     @classmethod
@@ -260,11 +276,16 @@ def model_of_checkpoint(checkpoint, path):
 
 
 def gpt_config_of(hf_config, name):
-    """Our GPTConfig of a transformers GPT2Config (the same shape under Hugging Face's names), refused in one line
-    when it is a GPT-2 variant that our GPT would load and silently compute another function of."""
-    if different := gpt2_differences(hf_config):
-        raise UserError(f"{name}: a GPT-2 variant this GPT does not compute exactly: {', '.join(different)}")
+    """Our GPTConfig of a transformers GPT2Config or NanoChatConfig (the same shape under Hugging Face's names),
+    refused in one line when it is a model that ours would load and silently compute another function of."""
     c = hf_config
+    if different := hf_differences(c):
+        kind = "model" if different == ["model_type"] else f"{c.model_type} variant"
+        raise UserError(f"{name}: a {kind} that train_gpt2.py does not compute exactly (it differs in "
+                        f"{', '.join(different)}); GPT-2s and our own exports load")
+    if c.model_type == "nanochat":
+        return GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
+                         n_head=c.num_attention_heads, n_embd=c.hidden_size)
     return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                      n_embd=c.n_embd)
 
@@ -343,6 +364,7 @@ class ModernGPT(GPT):
     """GPT with the changes above; from GPT it keeps forward, generate, from_checkpoint and the weight init helper."""
 
     revision = 2  # 2: the RMSNorm after the token embedding (a revision-1 checkpoint was trained without it)
+    rope_theta = 10000.0  # rotary's base: channel pair i turns by pos * rope_theta ** (-2i / head_size)
 
     def __init__(self, config):
         nn.Module.__init__(self)  # not GPT.__init__: none of GPT-2's modules are built
@@ -370,7 +392,7 @@ class ModernGPT(GPT):
                                  f"{self.config.block_size}")
             pos = torch.arange(T, dtype=torch.long, device=idx.device)
         hs = self.config.n_embd // self.config.n_head
-        theta = 10000.0 ** (-torch.arange(0, hs, 2, device=idx.device, dtype=torch.float32) / hs)  # (hs/2,)
+        theta = self.rope_theta ** (-torch.arange(0, hs, 2, device=idx.device, dtype=torch.float32) / hs)  # (hs/2,)
         angles = pos.view(-1, 1, pos.size(-1), 1).float() * theta  # (B or 1, 1, T, hs/2): broadcast over heads
         # RMSNorm of the embedding too (nanochat, modded-nanogpt): the blocks start from a unit-scale stream whatever
         # scale the embedding's own learning rate gives its rows, and transformers' NanoChat computes the same
@@ -380,9 +402,56 @@ class ModernGPT(GPT):
             x = block(x, cos, sin, attn_mask)
         return rms_norm(x)
 
-    def save_pretrained(self, directory):
-        raise UserError("save_pretrained: the modern recipe's model (rotary, RMSNorm, QK-norm, ReLU², soft-capped "
-                        "logits) matches no transformers architecture exactly; use its .pt checkpoint instead")
+    # -- Hugging Face interop: transformers' NanoChatForCausalLM (built in since transformers 5, no remote code)
+    # computes this model exactly, under other names; GPT's from_pretrained and save_pretrained use these three.
+    NANOCHAT_NAMES = {"attn.c_proj.weight": "self_attn.o_proj.weight", "mlp.c_fc.weight": "mlp.fc1.weight",
+                      "mlp.c_proj.weight": "mlp.fc2.weight"}  # per block; c_attn is split into q_proj, k_proj, v_proj
+
+    def hf_config(self):
+        from transformers import NanoChatConfig
+
+        c = self.config
+        return NanoChatConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
+                              num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                              max_position_embeddings=c.block_size, hidden_act="relu2",
+                              rms_norm_eps=torch.finfo(torch.float32).eps,  # what F.rms_norm adds in float32
+                              rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                              final_logit_softcapping=SoftCappedLinear.cap, attention_bias=False,
+                              tie_word_embeddings=False, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT)
+
+    def rotation_signs(self):
+        """(n_embd, 1): -1 on the second half of each head's rows, +1 elsewhere. NanoChat rotates q and k by -theta
+        where rotary() rotates by +theta; with those rows of W_q and W_k negated it computes our q and k with their
+        second halves negated, which changes neither a head's q.k nor the RMS that QK-norm divides by."""
+        hs = self.config.n_embd // self.config.n_head
+        signs = torch.ones(self.config.n_head, hs)
+        signs[:, hs // 2:] = -1
+        return signs.view(-1, 1)
+
+    def hf_weights(self):
+        C, signs = self.config.n_embd, self.rotation_signs()
+        theirs = {"model.embed_tokens.weight": self.transformer.wte.weight, "lm_head.weight": self.lm_head.weight}
+        for name, w in self.transformer.h.state_dict().items():  # "0.attn.c_attn.weight", ...
+            i, name = name.split(".", 1)
+            layer = f"model.layers.{i}."
+            if name == "attn.c_attn.weight":
+                q, k, v = w.split(C)
+                theirs |= {layer + "self_attn.q_proj.weight": q * signs, layer + "self_attn.k_proj.weight": k * signs,
+                           layer + "self_attn.v_proj.weight": v}
+            else:
+                theirs[layer + self.NANOCHAT_NAMES[name]] = w
+        return {k: v.detach() for k, v in theirs.items()}
+
+    def load_hf_weights(self, theirs):
+        signs = self.rotation_signs()
+        ours = {"transformer.wte.weight": theirs["model.embed_tokens.weight"],
+                "lm_head.weight": theirs["lm_head.weight"]}
+        for i in range(self.config.n_layer):
+            layer = f"model.layers.{i}."
+            q, k, v = (theirs[f"{layer}self_attn.{x}_proj.weight"] for x in "qkv")
+            ours[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat((q * signs, k * signs, v))
+            ours |= {f"transformer.h.{i}.{name}": theirs[layer + hf] for name, hf in self.NANOCHAT_NAMES.items()}
+        self.load_state_dict(ours)
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, *, embed_lr, head_lr):
         """[Muon, AdamW]. Muon (Keller Jordan, 2024) for the blocks' matrices: SGD-momentum whose update is

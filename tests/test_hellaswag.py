@@ -385,19 +385,6 @@ def test_failed_download_leaves_no_hellaswag_folder(tmp_path, monkeypatch):
     assert_one_line(run, "could not download file://")
     assert not (tmp_path / "new").exists()
 
-# -- one home for the GPT-2-variant check
-
-
-def test_loads_into_our_gpt_is_commons_check(monkeypatch):
-    """loads_into_our_gpt asks common.gpt2_differences (which the export shares), not a copy of its rules."""
-    from transformers import GPT2Config, GPTNeoConfig
-
-    configs = [GPT2Config(), GPT2Config(activation_function="gelu"), GPT2Config(n_inner=100),
-               GPT2Config(reorder_and_upcast_attn=True), GPTNeoConfig()]
-    assert [hellaswag.loads_into_our_gpt(c) for c in configs] == [True, False, False, False, False]
-    monkeypatch.setattr(common, "gpt2_differences", lambda config: ["a rule added to common.py"])
-    assert not hellaswag.loads_into_our_gpt(GPT2Config())
-
 # -- the CLI's dtype: float32 by default, the published scores' precision
 
 

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness scores an exported model offline, and its log-likelihoods are the ones our GPT gives.
+"""lm-evaluation-harness scores an exported model of either recipe offline, and its log-likelihoods are ours.
 
 Skipped without lm-eval (pip install "lm-eval[hf]"). The task is a local one the test writes: a jsonl of
 (context, continuation) pairs scored as loglikelihood requests, as lambada or the MC tasks score theirs.
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common import EOT, get_tokenizer
-from train_gpt2 import GPT, GPTConfig
+from train_gpt2 import RECIPES, GPTConfig
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -89,13 +89,23 @@ def greedy_pair(model, context):
     return context, continuation
 
 
-def test_lm_eval_log_likelihoods_equal_ours(tmp_path, monkeypatch):
+def tiny_model(recipe):
+    """A tiny model of either recipe, sharper than its init, so that every token of a continuation weighs in its
+    score (the modern recipe's zero-initialised projections and head would give uniform logits)."""
+    torch.manual_seed(0)
+    model = RECIPES[recipe](CONFIG).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # (the gpt2 recipe's head is the tied wte: named so)
+            if p is model.lm_head.weight or (recipe == "modern" and name.endswith("c_proj.weight")):
+                torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "modern"])  # exported as GPT2LMHeadModel and as NanoChatForCausalLM
+def test_lm_eval_log_likelihoods_equal_ours(tmp_path, monkeypatch, recipe):
     from lm_eval.tasks import TaskManager
 
-    torch.manual_seed(0)
-    model = GPT(CONFIG).eval()
-    with torch.no_grad():  # sharper than the 0.02 init, so that every token of a continuation weighs in its score
-        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    model = tiny_model(recipe)
     model.save_pretrained(tmp_path / "model")
     with torch.no_grad():
         pairs = PAIRS + [greedy_pair(model, "The capital of France is")]

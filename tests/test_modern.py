@@ -172,13 +172,6 @@ def test_recipe_changed_on_resume_is_refused(shards, tmp_path, capsys):
     assert "--recipe modern -> gpt2" in err and "Traceback" not in err
 
 
-def test_save_pretrained_is_refused_in_one_line(tmp_path):
-    with pytest.raises(train_gpt2.UserError) as info:
-        tiny_modern().save_pretrained(tmp_path / "hf")
-    assert len(str(info.value).splitlines()) == 1 and "modern" in str(info.value)
-    assert not (tmp_path / "hf").exists()
-
-
 def test_extending_a_wsd_run_from_before_the_decay_and_refusing_past_the_horizon(shards, tmp_path, capsys):
     args = ["--eval_every", "0", "--warmup_steps", "2", "--cooldown_frac", "0.5"]
     train_modern(shards, tmp_path, *args, "--max_steps", "8", "--checkpoint_every", "2", "--keep_checkpoints", "0")
