@@ -112,7 +112,7 @@ def fine_tuned_recipe(cfg, given, checkpoint):
             model_type = None
         recipe = HF_RECIPES.get(model_type, "gpt2")
     if "recipe" in given and recipe != cfg.recipe:
-        raise UserError(f"{cfg.init_from} was trained with --recipe {recipe}: fine-tune it with --recipe {recipe}")
+        raise UserError(f"{cfg.init_from} is a model of --recipe {recipe}: fine-tune it with --recipe {recipe}")
     return recipe
 
 

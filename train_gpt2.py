@@ -763,7 +763,8 @@ class TrainConfig:
     wandb: str = flag(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
                       RUN, metavar="PROJECT")
     init_from: str = flag("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
-                          "a Hugging Face directory or one of our .pt checkpoints (fine-tuning)", MATH)
+                          "a Hugging Face directory (a GPT-2, or an export of the modern recipe) or one of our .pt "
+                          "checkpoints (fine-tuning; it gives --recipe)", MATH)
     recipe: str = flag("gpt2", "gpt2: GPT-2 exactly (AdamW, cosine schedule); modern: the section 'What changed since "
                        "GPT-2' (rotary, RMSNorm, QK-norm, ReLU², untied soft-capped head, Muon, warmup-stable-decay)",
                        MATH, choices=tuple(RECIPES))

@@ -149,34 +149,41 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(run):
-    """That checkpoint's model and its export."""
+    """That checkpoint with a sharper head (tuned.pt), its model, and its export."""
     shards, checkpoint, root = run
+    saved = checkpoints.load_checkpoint(checkpoint)
     model = GPT.from_checkpoint(checkpoint)
     with torch.no_grad():  # three steps leave the zero-initialised head near zero: give the scores some spread
         model.lm_head.weight.normal_(0.0, 0.5)
+    saved["model"] = model.state_dict()
+    saved["checksum"] = checkpoints.checksum(saved)
+    torch.save(saved, root / "tuned.pt")
     model.save_pretrained(root / "export")
-    return shards, checkpoint, model, root
+    return shards, root / "tuned.pt", model, root
 
 
-def test_hellaswag_scores_the_export_packed_as_it_scores_the_model(trained, tmp_path):
-    _, _, model, root = trained
+def test_hellaswag_scores_the_export_packed_as_it_scores_the_checkpoint(trained, tmp_path):
+    _, checkpoint, _, root = trained
     loaded = hellaswag.load_model(str(root / "export"))
     assert type(loaded) is ModernGPT  # our model: one packed row per example
-    examples = make_examples(n=20, seed=5)
-    data = write_examples(tmp_path / "hs.jsonl", examples)
-    hellaswag.main(["-m", str(root / "export"), "--data_file", str(data), "-d", "cpu", "--json", str(tmp_path / "r")])
-    direct = hellaswag.evaluate(model, [hellaswag.render_example(e) for e in examples], "cpu", 5, "float32")
-    assert json.loads((tmp_path / "r").read_text()) == {k: direct[k] for k in ("n", "acc", "acc_norm")}
-    assert 0 < direct["acc_norm"] < 1  # neither all right nor all wrong: a changed score would show
+    data = write_examples(tmp_path / "hs.jsonl", make_examples(n=20, seed=5))
+    results = []
+    for source in (checkpoint, root / "export"):
+        hellaswag.main(["-m", str(source), "--data_file", str(data), "-d", "cpu", "--json", str(tmp_path / "r")])
+        results.append(json.loads((tmp_path / "r").read_text()))
+    assert results[0] == results[1] and results[0]["n"] == 20
+    assert 0 < results[0]["acc_norm"] < 1  # neither all right nor all wrong: a changed score would show
 
 
-def test_core_scores_the_export_as_the_model(trained, tmp_path):
-    _, _, model, root = trained
+def test_core_scores_the_export_as_it_scores_the_checkpoint(trained, tmp_path):
+    _, checkpoint, model, root = trained
     bundle = write_bundle(tmp_path / "bundle")
-    core.main(["-m", str(root / "export"), "--bundle_dir", str(bundle), "-d", "cpu", "--json", str(tmp_path / "c")])
+    results = []
+    for source in (checkpoint, root / "export"):
+        core.main(["-m", str(source), "--bundle_dir", str(bundle), "-d", "cpu", "--json", str(tmp_path / "c")])
+        results.append(json.loads((tmp_path / "c").read_text()))
     tasks = core.load_tasks(bundle)
-    assert json.loads((tmp_path / "c").read_text()) == core.summarize(tasks, core.evaluate(model, tasks,
-                                                                                          core.render(tasks), "cpu"))
+    assert results[0] == results[1] == core.summarize(tasks, core.evaluate(model, tasks, core.render(tasks), "cpu"))
 
 
 def test_the_export_fine_tunes_as_the_modern_recipe(trained, tmp_path, capsys):
@@ -189,7 +196,11 @@ def test_the_export_fine_tunes_as_the_modern_recipe(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_gpt2.main(TINY_RUN + ["--data", str(shards), "--log_dir", str(tmp_path / "refused"), "--init_from",
                                     str(root / "export"), "--recipe", "gpt2"])
-    assert "fine-tune it with --recipe modern" in capsys.readouterr().err
+    assert "is a model of --recipe modern: fine-tune it with --recipe modern" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # OpenAI's GPT-2 is the gpt2 recipe's: refused before any download
+        train_gpt2.main(TINY_RUN + ["--data", str(shards), "--log_dir", str(tmp_path / "refused"), "--init_from",
+                                    "gpt2", "--recipe", "modern"])
+    assert "gpt2 is a model of --recipe gpt2: fine-tune it with --recipe gpt2" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
 
 
