@@ -408,8 +408,11 @@ class ModernGPT(GPT):
                       "mlp.c_proj.weight": "mlp.fc2.weight"}  # per block; c_attn is split into q_proj, k_proj, v_proj
 
     def hf_config(self):
-        from transformers import NanoChatConfig
-
+        try:
+            from transformers import NanoChatConfig
+        except ImportError:  # transformers 4.x: its GPT-2 exports work, this one does not
+            raise UserError("the modern recipe exports as transformers' NanoChat, new in transformers 5: "
+                            "pip install -U transformers") from None
         c = self.config
         return NanoChatConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
                               num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,

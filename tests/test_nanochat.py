@@ -249,3 +249,18 @@ def test_hf_differences_name_what_differs_for_either_recipe():
     assert common.hf_differences(NanoChatConfig()) == ["intermediate_size", "rms_norm_eps"]  # nanochat's defaults
     assert common.hf_differences(GPT2Config(activation_function="gelu")) == ["activation_function"]
     assert common.hf_differences(LlamaConfig()) == ["model_type"]
+
+
+def test_a_transformers_without_nanochat_is_one_line(monkeypatch, tmp_path):
+    """transformers 4.x (which requirements.txt allows for the gpt2 recipe) has no NanoChat: say what to install."""
+    import sys
+    import types
+
+    import transformers
+
+    old = types.ModuleType("transformers")
+    old.AutoModelForCausalLM = transformers.AutoModelForCausalLM
+    monkeypatch.setitem(sys.modules, "transformers", old)
+    with pytest.raises(UserError, match="new in transformers 5: pip install -U transformers"):
+        random_modern().save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
