@@ -790,8 +790,8 @@ class TrainConfig:
     max_lr: float = flag(6e-4, "peak learning rate (gpt2 recipe)", MATH)
     min_lr_ratio: float = flag(0.1, "the final learning rate as a fraction of max_lr (0 to 1; gpt2 recipe)", MATH)
     # the modern recipe: a peak learning rate per optimizer group. Muon's and modded-nanogpt's published values,
-    # and the best of a sweep (each one 2x and 0.5x, 4x and 0.25x) on Moliere and on a second corpus:
-    # results/README.md
+    # and the best of a sweep (each one 2x and 0.5x, 4x and 0.25x) on Moliere and on a second corpus, rechecked
+    # after the embedding norm: results/README.md
     muon_lr: float = flag(0.05, "Muon's peak learning rate, for the blocks' matrices (modern recipe)", MATH)
     embed_lr: float = flag(0.2, "AdamW's peak learning rate for the token embedding (modern recipe)", MATH)
     head_lr: float = flag(0.008, "AdamW's peak learning rate for the head (modern recipe)", MATH)
