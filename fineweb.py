@@ -14,6 +14,7 @@ there. One run at a time per --out (a second is refused); a finished shard later
 """
 import argparse
 import collections
+import contextlib
 import io
 import itertools
 import json
@@ -157,6 +158,21 @@ def batches(documents):
             batch, size = [], 0
     if batch:
         yield batch
+
+
+@contextlib.contextmanager
+def worker_pool(workers):
+    """mp.Pool that, on the way out (done, an error, Ctrl-C), lets its workers finish the few batches in flight and
+    exit (close, join) instead of killing them (what `with mp.Pool()` does: terminate). A worker killed while it
+    sends a result holds the result queue's lock for good, and terminate then waits on that lock forever: CPython
+    issue 96995, seen here as a test of Ctrl-C hanging in one CI run of four. ordered_map keeps at most 4 batches
+    per worker in flight: seconds of work."""
+    pool = mp.Pool(workers, initializer=init_worker)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
 
 
 def ordered_map(pool, fn, tasks, depth):
@@ -401,7 +417,7 @@ def make_dataset(args):
             get_tokenizer()  # here first: an offline machine fails now, and forked workers inherit it loaded
             try:
                 # the pool starts before any input is opened: forking once `datasets` runs download threads is unsafe
-                with mp.Pool(args.workers, initializer=init_worker) as pool:
+                with worker_pool(args.workers) as pool:
                     make_shards(pool, args, out, manifest)
             except KeyboardInterrupt:
                 raise UserError(f"interrupted with {len(shards)} shards finished; run the same command again to "

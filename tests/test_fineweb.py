@@ -225,6 +225,21 @@ def test_resume_after_interrupt_gives_identical_files(docs, reference, tmp_path,
     assert first_texts[0] == docs[manifest["shards"][-1]["next_doc"]]
 
 
+def test_an_interrupt_lets_the_workers_finish_instead_of_killing_them(reference, tmp_path, monkeypatch, capsys):
+    """Pool.terminate kills workers that may be sending a result, and then can wait forever on the lock such a
+    worker held (CPython issue 96995): a test of Ctrl-C hung so in CI. The pool is closed and joined instead."""
+    import multiprocessing.pool
+
+    path, _ = reference
+    terminated = []
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", lambda pool: terminated.append(pool))
+    interrupt_after(monkeypatch, 2)
+    message = error_of(capsys, ["--input", path, "--out", str(tmp_path / "out"), "--shard_size", str(SHARD),
+                                "--workers", str(WORKERS)])
+    assert "interrupted with 2 shards finished" in message
+    assert terminated == [] and multiprocessing.active_children() == []  # every worker exited by itself
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 def test_resume_after_a_hard_kill(reference, tmp_path):
