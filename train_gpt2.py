@@ -189,9 +189,10 @@ class GPT(nn.Module):
             hf_config = AutoConfig.from_pretrained(name_or_path)
             config = gpt_config_of(hf_config, name_or_path)  # refuses what no recipe computes exactly
             hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        except (OSError, ValueError) as e:  # not on the hub, offline and not cached, not a model directory
-            raise UserError(f"could not load {name_or_path} ({first_line(e)}); "
-                            f"offline, set HF_HUB_OFFLINE=1 to use a cached copy") from None
+        except (OSError, ValueError) as e:  # OSError: not on the hub, offline, not a model directory; ValueError:
+            # a model type this transformers does not know (the offline hint would mislead there)
+            hint = "; offline, set HF_HUB_OFFLINE=1 to use a cached copy" if isinstance(e, OSError) else ""
+            raise UserError(f"could not load {name_or_path} ({first_line(e)}){hint}") from None
         model = RECIPES[HF_RECIPES[hf_config.model_type]](config)
         # older transformers versions also keep causal-mask buffers (attn.bias): not weights, skipped
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -432,10 +433,12 @@ class ModernGPT(GPT):
         return signs.view(-1, 1)
 
     def hf_weights(self):
-        C, signs = self.config.n_embd, self.rotation_signs()
-        theirs = {"model.embed_tokens.weight": self.transformer.wte.weight, "lm_head.weight": self.lm_head.weight}
-        for name, w in self.transformer.h.state_dict().items():  # "0.attn.c_attn.weight", ...
-            i, name = name.split(".", 1)
+        """Our weights under NanoChat's names: c_attn split into q, k and v, the rotation signs applied."""
+        C, signs, ours = self.config.n_embd, self.rotation_signs(), self.state_dict()
+        theirs = {"model.embed_tokens.weight": ours.pop("transformer.wte.weight"),
+                  "lm_head.weight": ours.pop("lm_head.weight")}
+        for name, w in ours.items():  # "transformer.h.0.attn.c_attn.weight", ...
+            i, name = name.removeprefix("transformer.h.").split(".", 1)
             layer = f"model.layers.{i}."
             if name == "attn.c_attn.weight":
                 q, k, v = w.split(C)
@@ -443,9 +446,10 @@ class ModernGPT(GPT):
                            layer + "self_attn.v_proj.weight": v}
             else:
                 theirs[layer + self.NANOCHAT_NAMES[name]] = w
-        return {k: v.detach() for k, v in theirs.items()}
+        return theirs
 
     def load_hf_weights(self, theirs):
+        """The inverse of hf_weights (the signs undo themselves)."""
         signs = self.rotation_signs()
         ours = {"transformer.wte.weight": theirs["model.embed_tokens.weight"],
                 "lm_head.weight": theirs["lm_head.weight"]}
