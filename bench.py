@@ -164,7 +164,7 @@ def plain_loss(model, x, y):
 
 
 def loss_kind(device_type, use_compile):
-    """model(x, y) chunks its loss (train_gpt2.vocab_cross_entropy) only on a CPU in eager mode."""
+    """model(x, y) chunks its loss (cpu_loss.vocab_cross_entropy) only on a CPU in eager mode."""
     return "plain" if use_compile or device_type != "cpu" else "chunked"
 
 

@@ -14,6 +14,7 @@ Everything here takes the config, the DistInfo (`world`) and the model as argume
 train_gpt2.py, so imports run one way.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import importlib.util
@@ -27,10 +28,13 @@ from pathlib import Path
 
 import torch
 
+import core
+import hellaswag
 from checkpoints import (check_resume_flags, checkpoint_step, find_resume_checkpoint, git_commit, list_checkpoints,
                          load_checkpoint, save_checkpoint)
-from common import (HF_RECIPES, UserError, all_reduce, atomic_write, autocast, download_moliere, first_line,
-                    lock_directory, print0, what_is)
+from common import (UserError, all_reduce, atomic_write, autocast, download_moliere, first_line, lock_directory, print0,
+                    what_is)
+from huggingface import HF_RECIPES, model_type_of
 
 HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
 
@@ -50,6 +54,32 @@ def resolve_path(path):
     writes edu_fineweb10B/ and the quick start keeps input/moliere.txt)."""
     path = Path(path)
     return path if path.is_absolute() or path.exists() else HERE / path
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+def parse_args(config_class, presets, argv=None):
+    """(config, the names of the flags given on the command line): argparse made from the fields of train_gpt2.py's
+    hyperparameter table (config_class, TrainConfig) with the --preset's defaults (presets: name -> overrides);
+    --help shows the chosen preset's defaults. Which flags were given matters: on --resume the others are the
+    checkpoint's, and -B not given may shrink."""
+    preset_parser = argparse.ArgumentParser(prog="train_gpt2.py", add_help=False)
+    preset_parser.add_argument("--preset", choices=tuple(presets), default=config_class.preset)
+    preset = presets[preset_parser.parse_known_args(argv)[0].preset]
+    parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2 from scratch.")
+    for f in dataclasses.fields(config_class):
+        meta = dict(f.metadata)
+        names = [f"--{f.name}", *([meta.pop("short")] if "short" in meta else [])]
+        del meta["on_resume"]
+        default = preset.get(f.name, f.default)
+        kind = {} if "nargs" in meta else {"type": f.type}
+        meta["help"] += "" if default is None else f" (default: {default})"
+        parser.add_argument(*names, dest=f.name, default=None, **kind, **meta)  # None: not given
+    args = vars(parser.parse_args(argv))
+    given = {name for name, value in args.items() if value is not None}
+    return config_class(**{f.name: args[f.name] if f.name in given else preset.get(f.name, f.default)
+                           for f in dataclasses.fields(config_class)}), given
 
 
 # -----------------------------------------------------------------------------
@@ -105,12 +135,8 @@ def fine_tuned_recipe(cfg, given, checkpoint):
     fit, or would compute another function)."""
     if checkpoint is not None:
         recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
-    else:
-        try:  # a model type no recipe computes is refused with the shape (train_gpt2.gpt_config_of)
-            model_type = json.loads((Path(cfg.init_from) / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):  # a hub name, or a config.json that the shape check explains
-            model_type = None
-        recipe = HF_RECIPES.get(model_type, "gpt2")
+    else:  # (a model type no recipe computes is refused with its shape: huggingface.shape_of)
+        recipe = HF_RECIPES.get(model_type_of(cfg.init_from), "gpt2")
     if "recipe" in given and recipe != cfg.recipe:
         raise UserError(f"{cfg.init_from} is a model of --recipe {recipe}: fine-tune it with --recipe {recipe}")
     return recipe
@@ -554,6 +580,36 @@ def on_master(world, fn, *args):
         raise UserError("rank 0 failed (see its message)")
     if error is not None:
         raise error
+
+
+# -----------------------------------------------------------------------------
+# The evaluations' data, loaded and checked before any work
+
+def load_hellaswag(cfg, world, raw_model):
+    """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
+    if cfg.hellaswag_data is None:
+        on_master(world, hellaswag.download, "val")
+    examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
+    try:
+        hellaswag.check_fits(raw_model, examples)  # within the model's block_size and vocabulary
+    except UserError as e:
+        raise UserError(f"{e}: use --hellaswag_every 0") from None
+    return examples
+
+
+def load_core(cfg, world, raw_model):
+    """CORE's tasks and their items, tokenized once per run (rank 0 downloads the bundle while the others wait)."""
+    bundle = cfg.core_bundle
+    if bundle is None:
+        on_master(world, core.download)
+        bundle = core.BUNDLE_DIR
+    tasks = core.load_tasks(bundle, cfg.core_max_per_task or None)
+    items = core.render(tasks)
+    try:
+        core.check_fits(raw_model, items)
+    except UserError as e:
+        raise UserError(f"{e}: use --core_every 0") from None
+    return tasks, items
 
 
 # -----------------------------------------------------------------------------

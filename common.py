@@ -1,8 +1,7 @@
 """
 What train_gpt2.py, fineweb.py and hellaswag.py share, kept out of the lessons: one error type, one way to write
-a file (or a directory) so that it is never seen half-written, a lock that keeps two runs out of one output
-directory, downloads, the shards' names, GPT-2's tokenizer, the choice of device and dtype, and what a Hugging Face
-export holds.
+a file so that it is never seen half-written, a lock that keeps two runs out of one output directory, downloads,
+the shards' names, GPT-2's tokenizer and sizes, and the choice of device and dtype.
 
 Importing this file does nothing: the tokenizer, torch and the network are touched only when a function is called.
 """
@@ -362,130 +361,8 @@ def autocast(device_type, dtype):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face: which GPT-2s our GPT computes exactly, and exports. GPT-2's tokenizer goes beside the weights, so that
-# AutoTokenizer, pipeline() and lm-eval-harness work from the directory alone. Without tokenizer files transformers 5
-# quietly builds an EMPTY GPT-2 tokenizer, and pipeline("text-generation") then hands back the prompt unchanged.
+# GPT-2's four sizes (their Hugging Face mappings and exports: huggingface.py)
 
 GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2 sizes, by their names on the Hugging Face hub
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
 }
-
-
-HF_RECIPES = {"gpt2": "gpt2", "nanochat": "modern"}  # a Hugging Face model_type -> the --recipe whose model computes it
-FLOAT32_EPS = 2.0 ** -23  # torch.finfo(torch.float32).eps: the epsilon F.rms_norm adds in float32
-
-
-def hf_differences(config):
-    """The settings in which a transformers config differs from a model that train_gpt2.py computes; empty when it
-    computes it exactly: GPT-2 (model_type "gpt2", train_gpt2.GPT: the same activation, MLP width, LayerNorm epsilon,
-    attention scaling and tied head), or the modern recipe's model as its save_pretrained writes it ("nanochat",
-    ModernGPT: ReLU², 4x MLP, one key/value head per query head, F.rms_norm's epsilon, rotary theta 10000, soft-cap 15,
-    untied head). Cerebras-GPT, for one, is a "gpt2" with another activation: loaded into our GPT it would compute
-    something else, silently; a model of another type is ["model_type"]."""
-    get = functools.partial(getattr, config)
-    model_type, width = get("model_type", None), get("n_embd", None) or get("hidden_size", 0)
-    if model_type == "gpt2":
-        checks = {
-            "activation_function": get("activation_function", None) in ("gelu_new", "gelu_pytorch_tanh"),
-            "n_inner": get("n_inner", None) in (None, 4 * width),
-            "layer_norm_epsilon": get("layer_norm_epsilon", None) == 1e-5,
-            "scale_attn_weights": get("scale_attn_weights", True),
-            "scale_attn_by_inverse_layer_idx": not get("scale_attn_by_inverse_layer_idx", False),
-            "reorder_and_upcast_attn": not get("reorder_and_upcast_attn", False),
-            "tie_word_embeddings": get("tie_word_embeddings", True),
-            "add_cross_attention": not get("add_cross_attention", False),
-        }
-    elif model_type == "nanochat":
-        heads, rope = get("num_attention_heads", 1), get("rope_parameters", None) or {}
-        checks = {
-            "hidden_act": get("hidden_act", None) == "relu2",
-            "intermediate_size": get("intermediate_size", None) == 4 * width,
-            "num_key_value_heads": get("num_key_value_heads", None) in (None, heads),
-            "head_dim": get("head_dim", None) in (None, width // heads),
-            "rms_norm_eps": get("rms_norm_eps", None) == FLOAT32_EPS,  # F.rms_norm's default in float32
-            "rope_parameters": rope.get("rope_type", "default") == "default" and rope.get("rope_theta") == 10000.0,
-            "final_logit_softcapping": get("final_logit_softcapping", None) == 15.0,  # SoftCappedLinear.cap
-            "attention_bias": not get("attention_bias", False),
-            "tie_word_embeddings": not get("tie_word_embeddings", False),
-        }
-    else:
-        return ["model_type"]
-    return [name for name, ok in checks.items() if not ok]
-
-
-# what save_pretrained writes: a directory holding these files and nothing else is one of our exports
-EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.json", "merges.txt"}
-
-
-def export_directory(directory, write):
-    """write(tmp) into a fresh temporary directory beside `directory`, then rename it into place: an export is
-    complete or absent, and only files inside the new directory are ever written (a link planted under one of the
-    names transformers writes is never followed). An existing `directory` is replaced only when it is one of our
-    exports (EXPORT_FILES, regular files); anything else is refused. All files get the mode open() would give."""
-    directory = Path(directory)
-    if directory.is_symlink() or directory.exists():
-        if not directory.is_dir() or directory.is_symlink():
-            raise UserError(f"{directory} exists and is not a directory: choose another name for the export")
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in EXPORT_FILES or not p.is_file()
-                         or p.is_symlink())
-        if foreign:
-            raise UserError(f"{directory} exists and is not a model exported by save_pretrained (it holds "
-                            f"{', '.join(foreign[:3])}): choose another directory, or empty it")
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise UserError(f"could not write {directory} ({e.strerror or e})") from None
-    old = None
-    try:
-        write(tmp)
-        for p in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors make owner-only files: one mode for all
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask())
-        if directory.exists():  # an earlier export: moved aside, so the new one takes its name in one rename
-            old = directory.with_name(f"{tmp.name}.old")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-    except OSError as e:
-        if old is not None and not directory.exists():
-            os.replace(old, directory)
-        raise UserError(f"could not write {directory} ({e.strerror or e}); nothing was changed there") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
-def save_hf_tokenizer(directory, vocab_size=GPT2_VOCAB, model_max_length=None):
-    """Write GPT-2's tokenizer, converted from the tiktoken encoding we train with, into an exported model's
-    directory: tokenizer.json + tokenizer_config.json (what transformers loads) and vocab.json + merges.txt (the
-    classic pair other tools read). <|endoftext|> (50256) is bos, eos and unk, as in the hub's gpt2.
-
-    vocab_size: the model's. Past GPT-2's 50,257 ids (a vocabulary padded to 50,304 for speed) the extra ids are
-    listed in generation_config.json's suppress_tokens, so transformers' sampling never emits an id the tokenizer
-    cannot decode. model_max_length: the model's block_size (tokenizer_config.json; None leaves it unset).
-    """
-    from transformers import GenerationConfig, GPT2TokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    encoding = get_tokenizer()
-    # transformers' own tiktoken -> tokenizers conversion, handed the ranks in memory (its file reader would copy a
-    # .tiktoken file into tiktoken's cache). tokenizer.json keeps tiktoken's split pattern; transformers 5 rebuilds
-    # a GPT2Tokenizer from its vocabulary and merges with GPT-2's original pattern, which splits text the same way.
-    # Either way the ids equal tiktoken's (tests/test_export.py).
-    converter = TikTokenConverter(pattern=encoding._pat_str, extra_special_tokens=encoding._special_tokens)
-    converter.load_tiktoken_bpe = lambda _: encoding._mergeable_ranks
-    backend = converter.converted()
-    # GPT2TokenizerFast saves "tokenizer_class": "GPT2Tokenizer", the hub gpt2's class, which transformers 4 loads
-    # too (the generic class would save "TokenizersBackend", a name only transformers 5 knows)
-    tokenizer = GPT2TokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>", model_max_length=model_max_length)
-    tokenizer.save_pretrained(directory)
-    backend.model.save(str(directory))  # vocab.json + merges.txt
-
-    if vocab_size > GPT2_VOCAB:
-        path = Path(directory) / "generation_config.json"  # written by GPT2LMHeadModel.save_pretrained
-        generation = (GenerationConfig.from_pretrained(directory) if path.exists()
-                      else GenerationConfig(bos_token_id=EOT, eos_token_id=EOT))
-        generation.suppress_tokens = list(range(GPT2_VOCAB, vocab_size))
-        generation.save_pretrained(directory)

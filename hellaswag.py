@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import common  # importing it does no work
+import huggingface
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DATA_DIR = Path(__file__).resolve().parent / "hellaswag"  # the download cache, beside this script
@@ -320,7 +321,7 @@ def check_paths(args):
 def load_model(name):
     """One of our checkpoints (a file), a Hugging Face directory, or one of OpenAI's GPT-2s from the hub.
 
-    What one of our recipes computes exactly (common.hf_differences: GPT-2s, ours or Hugging Face's, and exports
+    What one of our recipes computes exactly (huggingface.hf_differences: GPT-2s, ours or Hugging Face's, and exports
     of the modern recipe) loads into train_gpt2's model, the same logits, for its packed rows: on a CPU 1.5x
     transformers' model with 4 rows per example, 5-6x build-nanogpt's one example per forward (bench.py). Other
     architectures (and GPT-2 variants such as Cerebras-GPT) load through transformers.
@@ -340,7 +341,7 @@ def load_model(name):
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported only when needed
 
     try:
-        if name in GPT2_NAMES or not common.hf_differences(AutoConfig.from_pretrained(name)):
+        if name in GPT2_NAMES or not huggingface.hf_differences(AutoConfig.from_pretrained(name)):
             return train_gpt2.GPT.from_pretrained(name)
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)  # autocast decides the compute
     except (OSError, ValueError, KeyError) as e:  # offline, no config.json, an architecture transformers lacks

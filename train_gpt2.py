@@ -8,13 +8,13 @@ Train GPT-2 from scratch, in one file that reads top to bottom.
 
 Sections, in reading order: the model (exactly Hugging Face's GPT-2), what changed since GPT-2 (--recipe modern:
 the same file's faster recipe, as a diff against the model), the data loader, the learning-rate schedule,
-distributed set-up, evaluations, the hyperparameter table, then the training step and loop, and main. The appendix
-at the end measures speed and holds a faster loss for CPUs. The operations the loop calls live beside this file:
-bookkeeping.py (flags checked before any work, resume, log.txt, locks, signals, a batch that fits the GPU),
-checkpoints.py (what a checkpoint holds) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
+distributed set-up, evaluations, the hyperparameter table, then the training step and loop, train() and main. The
+appendix at the end measures speed. The operations the loop calls live beside this file: bookkeeping.py (the command
+line, flags checked before any work, resume, log.txt, locks, signals, a batch that fits the GPU), checkpoints.py (what
+a checkpoint holds), huggingface.py (both recipes' Hugging Face mappings and exports), cpu_loss.py (a faster loss for
+CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
 """
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -31,12 +31,13 @@ from torch.nn import functional as F
 
 import bookkeeping
 import core
+import cpu_loss
 import hellaswag
+import huggingface
 from bookkeeping import COMMAND, MACHINE, MATH, RUN
 from checkpoints import load_checkpoint, restore_checkpoint
-from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, HF_RECIPES, UserError, all_reduce, autocast, check_tokens,
-                    export_directory, first_line, get_tokenizer, hf_differences, load_shard, pick_device, print0,
-                    read_text_file, resolve_dtype, save_hf_tokenizer, split_paths)
+from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, UserError, all_reduce, autocast, check_tokens, first_line,
+                    get_tokenizer, load_shard, pick_device, print0, read_text_file, resolve_dtype, split_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, module names as in Hugging Face so weights map one to one.
@@ -98,6 +99,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    recipe = "gpt2"  # the --recipe that builds this class
     revision = 1  # what the class computes; raised when the same weights start to compute another function
 
     def __init__(self, config):
@@ -151,77 +153,26 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             # a CPU in eager mode: the same loss computed chunk by chunk, never storing the logits, which are then
-            # None (the appendix; a GPU, or torch.compile, which fuses it, runs the plain loss below faster)
-            return None, vocab_cross_entropy(x.flatten(0, 1), self.lm_head, targets.flatten())
+            # None (cpu_loss.py; a GPU, or torch.compile, which fuses it, runs the plain loss below faster)
+            return None, cpu_loss.vocab_cross_entropy(x.flatten(0, 1), self.lm_head, targets.flatten())
         logits = self.lm_head(x)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    # -- Hugging Face interop: our module names equal theirs; their Conv1D stores weights as (in, out)
-    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-    def hf_config(self):
-        """The config of the transformers model that computes this one exactly: GPT2LMHeadModel."""
-        from transformers import GPT2Config  # imported here: heavy, and only these paths need it
-
-        c = self.config
-        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                          n_head=c.n_head, activation_function="gelu_new",
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
-                          bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
-
-    def hf_weights(self):
-        """Our weights under that model's names and layout."""
-        return {k: v.t() if k.endswith(self.HF_TRANSPOSED) else v for k, v in self.state_dict().items()}
-
-    def load_hf_weights(self, theirs):
-        """The inverse of hf_weights: that model's weights (name -> tensor) into this one."""
-        self.load_state_dict({k: v.t() if k.endswith(self.HF_TRANSPOSED) else v for k, v in theirs.items()})
-
     @classmethod
     def from_pretrained(cls, name_or_path):
-        """A Hugging Face model that one of our recipes computes exactly, into that recipe's class: OpenAI's GPT-2
-        from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory into GPT, an export of
-        the modern recipe (transformers' NanoChat) into ModernGPT."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        try:
-            hf_config = AutoConfig.from_pretrained(name_or_path)
-            config = gpt_config_of(hf_config, name_or_path)  # refuses what no recipe computes exactly
-            hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        except (OSError, ValueError) as e:  # OSError: not on the hub, offline, not a model directory; ValueError:
-            # a model type this transformers does not know (the offline hint would mislead there)
-            hint = "; offline, set HF_HUB_OFFLINE=1 to use a cached copy" if isinstance(e, OSError) else ""
-            raise UserError(f"could not load {name_or_path} ({first_line(e)}){hint}") from None
-        model = RECIPES[HF_RECIPES[hf_config.model_type]](config)
-        # older transformers versions also keep causal-mask buffers (attn.bias): not weights, skipped
-        theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        try:
-            model.load_hf_weights(theirs)
-        except (KeyError, RuntimeError) as e:  # a missing or an extra weight, another shape
-            raise UserError(f"{name_or_path}: weights do not match {hf_config.model_type}'s layout "
-                            f"({first_line(e)})") from None
+        """OpenAI's GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), or a local Hugging Face directory that
+        one of our recipes computes exactly (a GPT-2, or an export of the modern recipe), as that recipe's model.
+        huggingface.py translates their names and layouts to ours (their Conv1D stores each matrix transposed)."""
+        recipe, shape, weights = huggingface.load(name_or_path)  # checked: a missing weight is an error, not random
+        model = RECIPES[recipe](GPTConfig(**shape))
+        model.load_state_dict(weights)
         return model
 
     def save_pretrained(self, directory):
-        """A self-contained Hugging Face directory: config.json, model.safetensors and GPT-2's tokenizer files,
-        so transformers' AutoModelForCausalLM, AutoTokenizer, pipeline(), lm-eval-harness and the hub work from it
-        alone, without remote code. Written into a temporary directory and renamed into place: an export is
-        complete (tokenizer included) or not there."""
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_config(self.hf_config())
-        theirs = hf.state_dict()
-        with torch.no_grad():
-            for k, v in self.hf_weights().items():
-                theirs[k].copy_(v)
-
-        def write(tmp):
-            hf.save_pretrained(tmp)
-            # GPT-2's tokenizer beside the weights (transformers 5 builds an empty one when the files are missing),
-            # and suppress_tokens for the padded ids in generation_config.json, so transformers never samples them
-            save_hf_tokenizer(tmp, vocab_size=self.config.vocab_size, model_max_length=self.config.block_size)
-        export_directory(directory, write)
+        """A Hugging Face directory that works alone (config.json, model.safetensors, GPT-2's tokenizer files), which
+        transformers loads as GPT2LMHeadModel, or NanoChatForCausalLM for the modern recipe: huggingface.save."""
+        huggingface.save(self, directory)
 
     @classmethod
     def from_checkpoint(cls, path):
@@ -256,39 +207,6 @@ class GPT(nn.Module):
             next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
-
-
-def model_of_checkpoint(checkpoint, path):
-    """The model in a loaded checkpoint, built by the recipe (gpt2 or modern) that trained it. Refused when that
-    recipe's model has changed what it computes since (its revision): the weights would load and mean nothing."""
-    recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
-    model_class, saved = RECIPES.get(recipe, GPT), checkpoint.get("revision", 1)  # files before revisions: 1
-    if saved != model_class.revision:
-        made_by = f" (git {checkpoint['git']})" if checkpoint.get("git") else ""
-        raise UserError(f"{path} holds revision {saved} of the {recipe} recipe's model; this train_gpt2.py computes "
-                        f"revision {model_class.revision} ({model_class.__name__}.revision), another function of the "
-                        f"same weights: train it again, or use the train_gpt2.py that made it{made_by}")
-    try:
-        model = model_class(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError, KeyError) as e:  # other keys or shapes than our GPT's, another recipe
-        raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({first_line(e)})") from None
-    return model
-
-
-def gpt_config_of(hf_config, name):
-    """Our GPTConfig of a transformers GPT2Config or NanoChatConfig (the same shape under Hugging Face's names),
-    refused in one line when it is a model that ours would load and silently compute another function of."""
-    c = hf_config
-    if different := hf_differences(c):
-        kind = "model" if different == ["model_type"] else f"{c.model_type} variant"
-        raise UserError(f"{name}: a {kind} that train_gpt2.py does not compute exactly (it differs in "
-                        f"{', '.join(different)}); GPT-2s and our own exports load")
-    if c.model_type == "nanochat":
-        return GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
-                         n_head=c.num_attention_heads, n_embd=c.hidden_size)
-    return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                     n_embd=c.n_embd)
 
 
 # -----------------------------------------------------------------------------
@@ -364,6 +282,7 @@ class SoftCappedLinear(nn.Linear):
 class ModernGPT(GPT):
     """GPT with the changes above; from GPT it keeps forward, generate, from_checkpoint and the weight init helper."""
 
+    recipe = "modern"
     revision = 2  # 2: the RMSNorm after the token embedding (a revision-1 checkpoint was trained without it)
     rope_theta = 10000.0  # rotary's base: channel pair i turns by pos * rope_theta ** (-2i / head_size)
 
@@ -402,63 +321,6 @@ class ModernGPT(GPT):
         for block in self.transformer.h:
             x = block(x, cos, sin, attn_mask)
         return rms_norm(x)
-
-    # -- Hugging Face interop: transformers' NanoChatForCausalLM (built in since transformers 5, no remote code)
-    # computes this model exactly, under other names; GPT's from_pretrained and save_pretrained use these three.
-    NANOCHAT_NAMES = {"attn.c_proj.weight": "self_attn.o_proj.weight", "mlp.c_fc.weight": "mlp.fc1.weight",
-                      "mlp.c_proj.weight": "mlp.fc2.weight"}  # per block; c_attn is split into q_proj, k_proj, v_proj
-
-    def hf_config(self):
-        try:
-            from transformers import NanoChatConfig
-        except ImportError:  # transformers 4.x: its GPT-2 exports work, this one does not
-            raise UserError("the modern recipe exports as transformers' NanoChat, new in transformers 5: "
-                            "pip install -U transformers") from None
-        c = self.config
-        return NanoChatConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
-                              num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
-                              max_position_embeddings=c.block_size, hidden_act="relu2",
-                              rms_norm_eps=torch.finfo(torch.float32).eps,  # what F.rms_norm adds in float32
-                              rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                              final_logit_softcapping=SoftCappedLinear.cap, attention_bias=False,
-                              tie_word_embeddings=False, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT)
-
-    def rotation_signs(self):
-        """(n_embd, 1): -1 on the second half of each head's rows, +1 elsewhere. NanoChat rotates q and k by -theta
-        where rotary() rotates by +theta; with those rows of W_q and W_k negated it computes our q and k with their
-        second halves negated, which changes neither a head's q.k nor the RMS that QK-norm divides by."""
-        hs = self.config.n_embd // self.config.n_head
-        signs = torch.ones(self.config.n_head, hs)
-        signs[:, hs // 2:] = -1
-        return signs.view(-1, 1)
-
-    def hf_weights(self):
-        """Our weights under NanoChat's names: c_attn split into q, k and v, the rotation signs applied."""
-        C, signs, ours = self.config.n_embd, self.rotation_signs(), self.state_dict()
-        theirs = {"model.embed_tokens.weight": ours.pop("transformer.wte.weight"),
-                  "lm_head.weight": ours.pop("lm_head.weight")}
-        for name, w in ours.items():  # "transformer.h.0.attn.c_attn.weight", ...
-            i, name = name.removeprefix("transformer.h.").split(".", 1)
-            layer = f"model.layers.{i}."
-            if name == "attn.c_attn.weight":
-                q, k, v = w.split(C)
-                theirs |= {layer + "self_attn.q_proj.weight": q * signs, layer + "self_attn.k_proj.weight": k * signs,
-                           layer + "self_attn.v_proj.weight": v}
-            else:
-                theirs[layer + self.NANOCHAT_NAMES[name]] = w
-        return theirs
-
-    def load_hf_weights(self, theirs):
-        """The inverse of hf_weights (the signs undo themselves)."""
-        signs = self.rotation_signs()
-        ours = {"transformer.wte.weight": theirs["model.embed_tokens.weight"],
-                "lm_head.weight": theirs["lm_head.weight"]}
-        for i in range(self.config.n_layer):
-            layer = f"model.layers.{i}."
-            q, k, v = (theirs[f"{layer}self_attn.{x}_proj.weight"] for x in "qkv")
-            ours[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat((q * signs, k * signs, v))
-            ours |= {f"transformer.h.{i}.{name}": theirs[layer + hf] for name, hf in self.NANOCHAT_NAMES.items()}
-        self.load_state_dict(ours)
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, *, embed_lr, head_lr):
         """[Muon, AdamW]. Muon (Keller Jordan, 2024) for the blocks' matrices: SGD-momentum whose update is
@@ -678,39 +540,12 @@ def evaluate_val(model, loader, steps, world, dtype, stop):
     return total / steps
 
 
-def load_hellaswag(cfg, world, raw_model):
-    """The val examples, tokenized once per run (rank 0 downloads them while the others wait)."""
-    if cfg.hellaswag_data is None:
-        bookkeeping.on_master(world, hellaswag.download, "val")
-    examples = [hellaswag.render_example(e) for e in hellaswag.iterate_examples("val", cfg.hellaswag_data)]
-    try:
-        hellaswag.check_fits(raw_model, examples)  # within the model's block_size and vocabulary
-    except UserError as e:
-        raise UserError(f"{e}: use --hellaswag_every 0") from None
-    return examples
-
-
 def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop):
     """acc_norm over all examples, each rank scoring its share; returns (n, acc_norm)."""
     result = hellaswag.evaluate(raw_model, examples[world.rank::world.world_size], world.device,
                                 batch_size=batch_size, dtype=dtype, stop=stop)
     n, correct = (int(all_reduce(result[k], world)) for k in ("n", "correct_norm"))
     return n, correct / max(n, 1)  # n is 0 only when a stop request cut it short
-
-
-def load_core(cfg, world, raw_model):
-    """CORE's tasks and their items, tokenized once per run (rank 0 downloads the bundle while the others wait)."""
-    bundle = cfg.core_bundle
-    if bundle is None:
-        bookkeeping.on_master(world, core.download)
-        bundle = core.BUNDLE_DIR
-    tasks = core.load_tasks(bundle, cfg.core_max_per_task or None)
-    items = core.render(tasks)
-    try:
-        core.check_fits(raw_model, items)
-    except UserError as e:
-        raise UserError(f"{e}: use --core_every 0") from None
-    return tasks, items
 
 
 def evaluate_core(raw_model, tasks, items, world, batch_size, dtype, stop):
@@ -839,47 +674,6 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
-    """(TrainConfig, the names of the flags given on the command line); --help shows the chosen preset's defaults.
-    Which flags were given matters: on --resume the others are the checkpoint's, and -B not given may shrink."""
-    preset_parser = argparse.ArgumentParser(prog="train_gpt2.py", add_help=False)
-    preset_parser.add_argument("--preset", choices=tuple(PRESETS), default=TrainConfig.preset)
-    preset = PRESETS[preset_parser.parse_known_args(argv)[0].preset]
-    parser = argparse.ArgumentParser(prog="train_gpt2.py", description="Train GPT-2 from scratch.")
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        names = [f"--{f.name}", *([meta.pop("short")] if "short" in meta else [])]
-        del meta["on_resume"]
-        default = preset.get(f.name, f.default)
-        kind = {} if "nargs" in meta else {"type": f.type}
-        meta["help"] += "" if default is None else f" (default: {default})"
-        parser.add_argument(*names, dest=f.name, default=None, **kind, **meta)  # None: not given
-    args = vars(parser.parse_args(argv))
-    given = {name for name, value in args.items() if value is not None}
-    return TrainConfig(**{f.name: args[f.name] if f.name in given else preset.get(f.name, f.default)
-                          for f in dataclasses.fields(TrainConfig)}), given
-
-
-def planned_config(cfg, checkpoint):
-    """The GPTConfig the run will train, known before any weights are built: the checkpoint's (resumed or fine-tuned),
-    the --model shape with its overrides, or the Hugging Face model's (its config.json, or a hub name's size)."""
-    if checkpoint is not None:
-        return GPTConfig(**checkpoint["config"])
-    n_layer, n_head, n_embd = GPT2_SHAPES.get(cfg.model if cfg.init_from == "scratch" else cfg.init_from,
-                                              GPT2_SHAPES["gpt2"])
-    if cfg.init_from == "scratch":
-        return GPTConfig(block_size=cfg.block_size or 1024, vocab_size=cfg.vocab_size or 50304,
-                         n_layer=cfg.n_layer or n_layer, n_head=cfg.n_head or n_head, n_embd=cfg.n_embd or n_embd)
-    if (Path(cfg.init_from) / "config.json").is_file():  # a local Hugging Face directory
-        from transformers import AutoConfig
-
-        try:
-            return gpt_config_of(AutoConfig.from_pretrained(cfg.init_from), cfg.init_from)
-        except (OSError, ValueError) as e:  # not a config transformers can read
-            raise UserError(f"--init_from {cfg.init_from}: {first_line(e)}") from None
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)  # a hub name: GPT-2's context and vocabulary
-
-
 # =============================================================================
 # Training: one optimizer step, the loop that repeats it between evaluations, and train(), which builds what the
 # loop needs and runs it. Everything above is what they use.
@@ -929,8 +723,8 @@ def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader
     B, T, W, dtype = cfg.micro_batch_size, cfg.seq_len, world.world_size, run.dtype
     grad_accum_steps = cfg.total_batch_size // (B * T * W)
     val_steps = max(1, cfg.val_tokens // (B * T * W))  # the same val tokens for any world size
-    hella_examples = load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
-    core_items = load_core(cfg, world, raw_model) if cfg.core_every > 0 else None  # (tasks, items)
+    hella_examples = bookkeeping.load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
+    core_items = bookkeeping.load_core(cfg, world, raw_model) if cfg.core_every > 0 else None  # (tasks, items)
     val_loss = run.start.val_loss  # the latest val loss, which each checkpoint records
     for step in range(run.start.step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps  # evaluations and a checkpoint once more after the last update
@@ -1020,12 +814,45 @@ def train(cfg, world, given=()):
             raise run.as_user_error(e) from None
 
 
+def planned_config(cfg, checkpoint):
+    """The GPTConfig the run will train, known before any weights are built: the checkpoint's (resumed or fine-tuned),
+    the --model shape with its overrides, or the Hugging Face model's (its config.json, or a hub name's size)."""
+    if checkpoint is not None:
+        return GPTConfig(**checkpoint["config"])
+    n_layer, n_head, n_embd = GPT2_SHAPES.get(cfg.model if cfg.init_from == "scratch" else cfg.init_from,
+                                              GPT2_SHAPES["gpt2"])
+    if cfg.init_from == "scratch":
+        return GPTConfig(block_size=cfg.block_size or 1024, vocab_size=cfg.vocab_size or 50304,
+                         n_layer=cfg.n_layer or n_layer, n_head=cfg.n_head or n_head, n_embd=cfg.n_embd or n_embd)
+    if (Path(cfg.init_from) / "config.json").is_file():  # a local Hugging Face directory
+        return GPTConfig(**huggingface.local_shape(cfg.init_from))
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)  # a hub name: GPT-2's context and vocabulary
+
+
+def model_of_checkpoint(checkpoint, path):
+    """The model in a loaded checkpoint, built by the recipe (gpt2 or modern) that trained it. Refused when that
+    recipe's model has changed what it computes since (its revision): the weights would load and mean nothing."""
+    recipe = checkpoint.get("args", {}).get("recipe", "gpt2")
+    model_class, saved = RECIPES.get(recipe, GPT), checkpoint.get("revision", 1)  # files before revisions: 1
+    if saved != model_class.revision:
+        made_by = f" (git {checkpoint['git']})" if checkpoint.get("git") else ""
+        raise UserError(f"{path} holds revision {saved} of the {recipe} recipe's model; this train_gpt2.py computes "
+                        f"revision {model_class.revision} ({model_class.__name__}.revision), another function of the "
+                        f"same weights: train it again, or use the train_gpt2.py that made it{made_by}")
+    try:
+        model = model_class(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError, KeyError) as e:  # other keys or shapes than our GPT's, another recipe
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py's GPT ({first_line(e)})") from None
+    return model
+
+
 # =============================================================================
 # end of training
 
 
 def main(argv=None):
-    cfg, given = parse_args(argv)
+    cfg, given = bookkeeping.parse_args(TrainConfig, PRESETS, argv)
     world = None
     try:
         world = setup_distributed(cfg.device, cfg.dist_timeout)
@@ -1040,7 +867,7 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 # -----------------------------------------------------------------------------
-# Appendix: measuring speed, and a faster loss for CPUs.
+# Appendix: measuring speed. (The faster loss for CPUs that forward calls is cpu_loss.py.)
 
 PEAK_BF16_FLOPS = [  # dense bf16 tensor-core peaks from the vendors' data sheets; first match wins, so the
     # variants (PCIe, NVL) come before the names they contain
@@ -1070,74 +897,6 @@ def estimate_mfu(model, T, tokens_per_sec, world):
     in percent; None where the peak is unknown (CPUs, unlisted GPUs)."""
     peak = peak_flops(world)
     return 100 * flops_per_token(model, T) * tokens_per_sec / (peak * world.world_size) if peak else None
-
-
-class VocabCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, for eager mode on a CPU.
-
-    The vocabulary projection and its softmax are most of a small GPT's work. The usual chain (bf16 logits,
-    upcast to float32, log_softmax, nll, and the same again backwards) writes and reads several (N, vocab)
-    float32 tensors: 412 MB each at N = B*T = 2048, and on a CPU memory traffic and page faults, not FLOPs,
-    then set the pace. Here the logits of `chunk_rows` rows at a time become probabilities in place, in the
-    compute dtype (bf16 under autocast: as precise as the bf16 logits they come from; the softmax itself
-    sums in float32). Since the loss is the last thing computed, the gradient is formed at once:
-    d loss / d logits = (softmax - onehot(target)) / N, and each chunk adds its part of d weight at once, so only
-    one chunk of (rows, vocab) exists at a time. Backward only scales what forward kept.
-    With a soft-cap (the modern recipe) the logits are cap * tanh(z / cap) of z = x @ weight.T. Computed as
-    2 * cap * sigmoid(2 * z / cap) - cap, the same function (tanh(u) = 2 sigmoid(2u) - 1) at half the cost on a CPU
-    (a sigmoid is one exp, a tanh two); the softmax ignores the constant - cap. The chain rule adds one factor,
-    1 - tanh**2 = 4 sigmoid (1 - sigmoid): d loss / d z = (softmax - onehot(target)) * 4 sigmoid (1 - sigmoid) / N.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, dtype, chunk_rows, need_grad, softcap=None):
-        N, V = x.size(0), weight.size(0)
-        xc, wc = x.to(dtype), weight.to(dtype)
-        wz = wc if softcap is None else wc * (2 / softcap)  # rows @ wz.T: z, or 2 z / cap for the sigmoid
-        chunk = torch.empty(min(N, chunk_rows), V, dtype=dtype, device=x.device)  # reused for every chunk
-        dx = torch.empty_like(xc) if need_grad else None
-        dw = torch.zeros(V, x.size(1), dtype=torch.float32, device=x.device) if need_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, N, chunk_rows):
-            rows, tgt = xc[start:start + chunk_rows], targets[start:start + chunk_rows, None]
-            p = chunk[:len(rows)]
-            torch.mm(rows, wz.t(), out=p)  # logits (rows, V)
-            if softcap is None:
-                p.copy_(torch.softmax(p, dim=1))
-                s = p
-            else:  # p keeps sigmoid(2 z / cap) for the gradient, s the softmax of the capped logits
-                s = torch.softmax(p.sigmoid_() * (2 * softcap), dim=1)
-            p_target = s.gather(1, tgt).float()
-            loss -= p_target.clamp_min(1e-38).log().sum()  # clamp: a p that underflowed to 0 costs 87, not inf
-            if need_grad:
-                s.scatter_(1, tgt, (p_target - 1).to(dtype))  # softmax - onehot: the gradient, times N
-                if softcap is not None:  # times sigmoid (1 - sigmoid), into p; the 4 comes in backward
-                    torch.addcmul(p, p, p, value=-1, out=p).mul_(s)
-                torch.mm(p, wc, out=dx[start:start + len(rows)])
-                if dtype == torch.float32:
-                    dw.addmm_(p.t(), rows)  # in place, no temporary
-                else:  # a bf16 product, summed in float32 over the chunks
-                    dw.add_(p.t() @ rows)
-        if need_grad:
-            ctx.save_for_backward(dx, dw)
-            ctx.x_dtype, ctx.chain = x.dtype, 1.0 if softcap is None else 4.0
-        return loss / N
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
-        # the 1/N of the mean, whatever scaled the loss (accumulation), and the soft-cap's 4
-        scale = grad_loss * ctx.chain / dx.size(0)
-        return (dx * scale).to(ctx.x_dtype), dw * scale, None, None, None, None, None
-
-
-def vocab_cross_entropy(x, head, targets, chunk_rows=128):
-    """The loss of the head (GPT-2's nn.Linear, or the modern recipe's SoftCappedLinear with its cap) on (N, C)
-    hidden states x, in eager mode on a CPU; it follows autocast's dtype like an nn.Linear would."""
-    softcap = head.cap if isinstance(head, SoftCappedLinear) else None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else head.weight.dtype
-    with torch.autocast("cpu", enabled=False):  # dtypes are chosen explicitly inside
-        return VocabCrossEntropy.apply(x, head.weight, targets, dtype, chunk_rows, torch.is_grad_enabled(), softcap)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 import checkpoints
 import common
+import bookkeeping
 import train_gpt2
 from conftest import ROOT, TINY, read_log, torchrun_cpu, train
 from train_gpt2 import GPT, ShardedLoader
@@ -336,7 +337,7 @@ def test_an_inf_gradient_stops_before_the_update_and_no_nan_weights_are_saved(sh
 
 
 def test_a_checkpoint_is_never_written_from_non_finite_weights(shards, tmp_path):
-    cfg, _ = train_gpt2.parse_args(TINY)
+    cfg, _ = bookkeeping.parse_args(train_gpt2.TrainConfig, train_gpt2.PRESETS, TINY)
     world = train_gpt2.DistInfo(0, 0, 1, "cpu", "cpu", True)
     model = GPT(train_gpt2.GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
     (tmp_path / "log").mkdir()

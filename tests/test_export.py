@@ -191,12 +191,12 @@ def test_every_exported_file_has_the_same_mode(tmp_path):
 def test_an_export_without_its_tokenizer_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     """Offline without tiktoken's files, config and weights were written and no tokenizer: AutoTokenizer then
     built an empty one. An export is complete or absent."""
-    import common
+    import huggingface
 
     def offline():
         raise UserError("could not load GPT-2's tokenizer: tiktoken fetches it on first use")
 
-    monkeypatch.setattr(common, "get_tokenizer", offline)
+    monkeypatch.setattr(huggingface, "get_tokenizer", offline)
     with pytest.raises(UserError, match="tokenizer"):
         small_model().save_pretrained(tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_loss
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
@@ -94,7 +95,7 @@ def test_cpu_loss_in_bf16_equals_the_plain_bf16_loss():
     head = torch.nn.Linear(C, V, bias=False)
     head.weight = torch.nn.Parameter(w.detach().clone())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = train_gpt2.vocab_cross_entropy(x, head, targets)
+        ours = cpu_loss.vocab_cross_entropy(x, head, targets)
     ours.backward()
     dx, dw = x.grad.clone(), head.weight.grad
     x.grad = None
@@ -115,7 +116,7 @@ def test_off_the_cpu_forward_is_the_plain_loss(monkeypatch, recipe):
     def refuse(*args):
         raise AssertionError("the chunked CPU loss ran on another device")
 
-    monkeypatch.setattr(train_gpt2.VocabCrossEntropy, "apply", refuse)
+    monkeypatch.setattr(cpu_loss.VocabCrossEntropy, "apply", refuse)
     with torch.device("meta"):
         model = train_gpt2.RECIPES[recipe](GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=8))
         idx = torch.zeros((2, 16), dtype=torch.long)

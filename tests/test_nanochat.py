@@ -7,16 +7,16 @@ import socket
 
 import pytest
 import torch
-
-import checkpoints
-import common
-import core
-import hellaswag
-import train_gpt2
-from common import EOT, UserError, get_tokenizer
 from conftest import TINY, TINY_RUN, train
 from test_core import write_bundle
 from test_hellaswag import make_examples, write_examples
+
+import checkpoints
+import core
+import hellaswag
+import huggingface
+import train_gpt2
+from common import EOT, UserError, get_tokenizer
 from train_gpt2 import GPT, GPTConfig, ModernGPT
 
 # the vocabulary padded to 50,304 as from scratch; 4 heads of 16 channels, so each head's sign flip is its own
@@ -244,11 +244,11 @@ def test_a_gpt2_checkpoint_without_a_revision_still_loads(tmp_path):
 def test_hf_differences_name_what_differs_for_either_recipe():
     from transformers import GPT2Config, LlamaConfig, NanoChatConfig
 
-    exact = ModernGPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).hf_config()
-    assert common.hf_differences(exact) == [] and common.hf_differences(GPT2Config()) == []
-    assert common.hf_differences(NanoChatConfig()) == ["intermediate_size", "rms_norm_eps"]  # nanochat's defaults
-    assert common.hf_differences(GPT2Config(activation_function="gelu")) == ["activation_function"]
-    assert common.hf_differences(LlamaConfig()) == ["model_type"]
+    exact = huggingface.hf_config(ModernGPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+    assert huggingface.hf_differences(exact) == [] and huggingface.hf_differences(GPT2Config()) == []
+    assert huggingface.hf_differences(NanoChatConfig()) == ["intermediate_size", "rms_norm_eps"]  # nanochat's defaults
+    assert huggingface.hf_differences(GPT2Config(activation_function="gelu")) == ["activation_function"]
+    assert huggingface.hf_differences(LlamaConfig()) == ["model_type"]
 
 
 def test_a_transformers_without_nanochat_is_one_line(monkeypatch, tmp_path):

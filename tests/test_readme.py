@@ -10,6 +10,7 @@ from conftest import ROOT, read_log, write_shards
 
 import fineweb
 import plot
+import bookkeeping
 import train_gpt2
 
 README = (ROOT / "README.md").read_text()
@@ -46,7 +47,7 @@ def test_every_train_command_of_the_readme_parses():
     assert len(train_commands) >= 10
     for argv in train_commands:
         if "--help" not in argv:
-            train_gpt2.parse_args(argv[2:])  # an unknown or malformed flag exits here
+            bookkeeping.parse_args(train_gpt2.TrainConfig, train_gpt2.PRESETS, argv[2:])  # an unknown or malformed flag exits here
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import bookkeeping
 import train_gpt2
 from conftest import ROOT, SHARED, TINY, TINY_RUN, lrs_of, read_log, torchrun_cpu, write_shards
 from train_gpt2 import ShardedLoader, get_lr
@@ -171,7 +172,7 @@ def test_warmup_as_long_as_the_run_is_refused(tmp_path, capsys):
 
 def test_help_shows_one_default_per_flag_and_the_presets(capsys):
     with pytest.raises(SystemExit):
-        train_gpt2.parse_args(["--preset", "moliere", "--help"])
+        bookkeeping.parse_args(train_gpt2.TrainConfig, train_gpt2.PRESETS, ["--preset", "moliere", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "optimizer steps (default: 200)" in out and "tokens per optimizer step (default: 8192)" in out
     assert "2**19" not in out and "10B" not in out  # the full recipe's rationale is not the preset's
