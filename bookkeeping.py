@@ -22,7 +22,9 @@ import json
 import math
 import os
 import signal
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +32,10 @@ import torch
 
 import core
 import hellaswag
-from checkpoints import (check_resume_flags, checkpoint_step, find_resume_checkpoint, git_commit, list_checkpoints,
-                         load_checkpoint, save_checkpoint)
-from common import (UserError, all_reduce, atomic_write, autocast, download_moliere, first_line, lock_directory, print0,
-                    what_is)
+from checkpoints import (check_resume_flags, checkpoint_identity, checkpoint_step, find_resume_checkpoint, git_commit,
+                         list_checkpoints, load_checkpoint, save_checkpoint)
+from common import (UserError, all_reduce, atomic_write, autocast, download_moliere, first_line, lock_directory,
+                    path_kind, print0, what_is)
 from huggingface import HF_RECIPES, model_type_of
 
 HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
@@ -93,6 +95,7 @@ class Start:
     resumed_from: Path = None  # the checkpoint --resume continues, if any
     saved_args: dict = None  # that checkpoint's flags
     notes: tuple = ()  # what a resume changed, said when the run starts
+    run_id: str = None  # made at the run's first start, kept by its resumes: in log.txt and every checkpoint
 
 
 def settle(cfg, given, world):
@@ -101,17 +104,25 @@ def settle(cfg, given, world):
     whose model the run starts from (resumed, or a .pt to fine-tune; None otherwise), to be let go once loaded (a
     124M checkpoint is 1.5 GB). Refuses a flag that would change a resumed run's math, and a fresh run over another
     run's checkpoints."""
-    checkpoint, start = None, Start()
+    checkpoint, start = None, Start(run_id=uuid.uuid4().hex[:12])
+    if cfg.resume not in (None, "latest") and path_kind(cfg.resume) == "a directory":  # --resume DIR: its newest
+        if "log_dir" in given and Path(cfg.log_dir).resolve() != Path(cfg.resume).resolve():
+            raise UserError(f"--resume {cfg.resume} is a directory, and --log_dir names another: give the run's "
+                            f"directory once (--resume --log_dir DIR), or a checkpoint file (--resume PATH)")
+        cfg = dataclasses.replace(cfg, log_dir=cfg.resume, resume="latest")
     if cfg.resume:
         path, checkpoint = find_resume_checkpoint(cfg.log_dir, cfg.resume)
         saved = checkpoint["args"]
         cfg = dataclasses.replace(cfg, **{k: saved[k] for k in flags_of_kind(cfg, MATH, RUN)
                                           if k not in given and k in saved})
+        if "micro_batch_size" not in given:  # the run's own -B (a machine flag): the same accumulation, so the same
+            cfg = dataclasses.replace(cfg, micro_batch_size=saved.get("micro_batch_size", cfg.micro_batch_size))  # sums
         if cfg.resume != "latest":
             cfg = dataclasses.replace(cfg, log_dir=resume_directory(cfg, given, path, checkpoint["step"]))
         # the horizon of the run's first start, kept (checkpoints older than --lr_horizon saved 0: their max_steps)
         cfg = dataclasses.replace(cfg, lr_horizon=cfg.lr_horizon or saved["max_steps"])
-        start = Start(checkpoint["step"], checkpoint["val_loss"], path, saved)
+        start = Start(checkpoint["step"], checkpoint["val_loss"], path, saved, run_id=checkpoint.get("run")
+                      or start.run_id)  # (checkpoints older than run ids: the run gets one now)
     else:
         if cfg.init_from.endswith(".pt"):
             checkpoint = load_checkpoint(cfg.init_from)
@@ -343,8 +354,9 @@ class Run:
     """The training loop's view of its run, as a context manager: while inside, this process holds the --log_dir
     lock (rank 0), log.txt and W&B are open (rank 0) and SIGTERM / Ctrl-C ask for a stop instead of killing it."""
 
-    def __init__(self, cfg, world, start, dtype):
-        self.cfg, self.world, self.start, self.dtype = cfg, world, start, dtype
+    def __init__(self, cfg, world, start, dtype, probe):
+        """probe(): this rank's loss of the model on a val micro-batch, checked before every checkpoint."""
+        self.cfg, self.world, self.start, self.dtype, self.probe = cfg, world, start, dtype, probe
         self.log_dir = Path(cfg.log_dir)
         self.step = start.step  # the update under way, for the out-of-memory message
         self.pace = self.last_saved = self.wandb = self.lock = None
@@ -366,6 +378,19 @@ class Run:
             self.wandb.finish()
         self.release()
 
+    def check_directory(self):
+        """Refuse to write once log_dir is not the directory this run locked: deleted and made again (by a new run of
+        the same name, say) it is another run's, even under the same path (rank 0, which holds the lock)."""
+        try:
+            here, mine = os.stat(self.log_dir / ".lock"), os.fstat(self.lock)
+            ours = (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+        except OSError:
+            ours = False
+        if not ours:
+            raise UserError(f"{self.log_dir} was deleted or replaced while this run was writing into it: stopping "
+                            f"without writing there (it may be another run's now); this run's last checkpoint: "
+                            f"{self.last_saved or 'none'}")
+
     def release(self):
         if self.lock is not None:
             os.close(self.lock)
@@ -376,7 +401,7 @@ class Run:
         path, world, resumed = self.log_dir / "log.txt", self.world, self.start.resumed_from
         device = torch.cuda.get_device_name(world.device) if world.device_type == "cuda" else world.device_type
         about = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | git {git_commit()} | torch {torch.__version__} | "
-                 f"{device} x {world.world_size} | {self.dtype}")
+                 f"{device} x {world.world_size} | {self.dtype} | run {self.start.run_id}")
         if resumed is not None and path.exists():
             self.write(f"# resume {resumed} | {about}")
         else:
@@ -391,6 +416,7 @@ class Run:
     def write(self, text):
         if not self.world.is_master:
             return
+        self.check_directory()
         path = self.log_dir / "log.txt"
         try:
             with open(path, "a") as f:
@@ -454,14 +480,23 @@ class Run:
         return bool(all_reduce(int(self.stop_signalled()), self.world, "max"))
 
     def checkpoint_due(self, step, last_step):
-        """Every --checkpoint_every steps and after the last update; not at the step a resume starts from (its
-        checkpoint is the one it was read from)."""
+        """Every --checkpoint_every steps (0: none) and always after the last update, so that a run keeps its model;
+        not at the step a resume starts from (its checkpoint is the one it was read from)."""
         every = self.cfg.checkpoint_every
-        return every > 0 and step > self.start.step and (step % every == 0 or last_step)
+        return step > self.start.step and (last_step or (every > 0 and step % every == 0))
 
     def save(self, step, raw_model, optimizers, train_loader, val_loss):
-        self.last_saved = save_checkpoint(self.log_dir, step, raw_model, optimizers, train_loader, val_loss,
-                                          self.cfg, self.world)
+        """Save the state after `step` updates, once the model's loss on a val micro-batch is finite: weights can be
+        finite (5e8) and still give nan, and the loss that train_step checked was that of the weights before the
+        update. A diverged model is never saved: its checkpoint would only ever be resumed into more nan."""
+        if self.world.is_master:
+            self.check_directory()
+        loss = all_reduce(self.probe(), self.world) / self.world.world_size
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss of the model after step {step} is {loss}: the run diverged at its last update; "
+                           f"not saving it as model_{step:05d}.pt. Start a new run with a lower learning rate")
+        self.last_saved = save_checkpoint(self.log_dir, step, raw_model, optimizers, train_loader,
+                                          {"val_loss": val_loss, "run": self.start.run_id}, self.cfg, self.world)
         return self.last_saved
 
     def save_and_stop(self, step, raw_model, optimizers, train_loader, val_loss):
@@ -477,15 +512,29 @@ class Run:
                   f"-m {saved}`" if saved else ""))
 
     def as_user_error(self, error):
-        """An out-of-memory error or a torch.compile without its compiler as a UserError that says what to do; any
-        other error as it is."""
+        """An error of the loop as a UserError that says what to do: out of memory (the -B to try), a torch.compile
+        without its compiler, a collective that failed because another rank stopped, a diverged run (its last good
+        checkpoint); any other error as it is."""
+        newest = self.newest_checkpoint()
+        if isinstance(error, Diverged):
+            return Diverged(f"{error}. " + (f"The newest checkpoint, from before it: {newest}" if newest else
+                                            "No checkpoint of this run was saved"))
         if is_out_of_memory(error):
-            B, newest = self.cfg.micro_batch_size, list_checkpoints(self.log_dir)
-            resume = (f"continue from {newest[-1]} with --resume {newest[-1]} -B {max(1, B // 2)}" if newest else
+            B = self.cfg.micro_batch_size
+            resume = (f"continue from {newest} with --resume {newest} -B {max(1, B // 2)}" if newest else
                       f"start again with -B {max(1, B // 2)}")
-            return UserError(f"out of {self.world.device_type.upper()} memory at step {self.step} with -B {B}: "
+            return RankError(f"out of {self.world.device_type.upper()} memory at step {self.step} with -B {B}: "
                              f"{resume} (the same --total_batch_size, with more accumulation steps)")
+        if collective_failed(error):
+            return RankError(f"stopped at step {self.step}: another rank failed or stopped answering (its own error "
+                             f"is printed above; this rank waits --dist_timeout {self.cfg.dist_timeout} s at most)")
         return compile_failed(error) or error
+
+    def newest_checkpoint(self):
+        """This run's newest checkpoint in its log_dir (its own: a file of another run is not its last good one)."""
+        ours = [p for p in list_checkpoints(self.log_dir) if checkpoint_identity(p) == (self.start.run_id,
+                                                                                        checkpoint_step(p))]
+        return ours[-1] if ours else None
 
 
 class StopSignals:
@@ -519,13 +568,42 @@ class StopSignals:
             signal.signal(s, signal.SIG_IGN if stopped_cleanly else handler)
 
 
+class Diverged(UserError):
+    """The run's loss or gradient is not finite: it stops without saving (Run.as_user_error names the last good
+    checkpoint)."""
+
+
 def check_finite(what, value, step):
     """A nan or inf loss or gradient norm stops the run where it is: an update from it would make the weights nan,
     and a checkpoint of them would only be resumed into more nan. The same on every rank (the values are global)."""
     if not math.isfinite(value):
-        raise UserError(f"the {what} is {value} at step {step}: stopping without saving; the checkpoints in --log_dir "
-                        f"are untouched. Start a new run with a lower learning rate (a --resume keeps the run's), from "
-                        f"one of them with --init_from if you like")
+        raise Diverged(f"the {what} is {value} at step {step}: the run diverged; stopping without saving. Start a new "
+                       f"run with a lower learning rate (a --resume keeps the run's), from a checkpoint before it with "
+                       f"--init_from if you like")
+
+
+class RankError(UserError):
+    """An error that this rank alone may meet (out of memory, the compiler, a lost peer): under torchrun it prints
+    it itself, naming the rank, where an error that every rank meets alike (a flag, the data) is printed once."""
+
+
+def report_error(program, error, world):
+    """The one line main() prints for an error. Under torchrun a RankError or an OSError is printed by the rank that
+    met it, naming it; any other error, which every rank meets alike (a flag, the data), once per node by its first
+    rank (across nodes a node's own files may differ). Before the process group exists (world None), once."""
+    if world is None or world.world_size == 1:
+        print0(f"{program}: error: {error}", file=sys.stderr)
+    elif isinstance(error, (RankError, OSError)) or world.local_rank == 0:
+        where = f"[rank {world.rank} of {world.world_size}] " if isinstance(error, (RankError, OSError)) or world.rank \
+            else ""
+        print(f"{program}: error: {where}{error}", file=sys.stderr)
+
+
+def collective_failed(error):
+    """Whether an exception is a collective that failed because another rank stopped (its own error says why)."""
+    lost = ("Connection closed by peer", "Connection reset by peer", "remote worker", "timed out", "Timed out")
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in lost))
 
 
 def compile_failed(error):
@@ -581,6 +659,21 @@ def on_master(world, fn, *args):
     if error is not None:
         raise error
 
+
+
+MAX_EPOCHS = 1000  # a run may read its data many times (a small corpus), not thousands of times by mistake
+
+
+def check_epochs(cfg, start, train_loader):
+    """Refuse, before any work, a run that would read its training data more than MAX_EPOCHS times: GPT-2 124M's
+    19,073 steps of 524,288 tokens on a 55,000-token text file (180,000 epochs) is a mistake, not a plan."""
+    epoch = train_loader.epoch_windows * train_loader.T
+    epochs = (cfg.max_steps - start.step) * cfg.total_batch_size / epoch
+    if epochs > MAX_EPOCHS and cfg.sample is None:
+        raise UserError(f"--data {cfg.data} holds {epoch:,} training tokens: {cfg.max_steps - start.step:,} steps of "
+                        f"{cfg.total_batch_size:,} tokens would read them {epochs:,.0f} times. For a small corpus start "
+                        f"from the quick start's sizes (--preset moliere --data {cfg.data}), or lower --max_steps or "
+                        f"--total_batch_size")
 
 # -----------------------------------------------------------------------------
 # The evaluations' data, loaded and checked before any work

@@ -10,10 +10,12 @@ name. Restoring a checkpoint into a run is here too; the rest of resuming is boo
 """
 
 import dataclasses
+import pickle
 import random
 import re
 import subprocess
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -90,8 +92,9 @@ def gather_objects(obj, world):
     return out
 
 
-def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss, cfg, world):
-    """model_{step:05d}.pt: the state after `step` updates. Every rank calls this (it gathers their states)."""
+def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, record, cfg, world):
+    """model_{step:05d}.pt: the state after `step` updates. Every rank calls this (it gathers their states). record:
+    what the run says of itself, {"val_loss": the latest val loss, "run": the run's id} (checkpoint_identity)."""
     ranks = gather_objects({"loader": train_loader.state_dict(), "rng": rng_state(world)}, world)
     path = Path(log_dir) / f"model_{step:05d}.pt"
     failed = None
@@ -104,8 +107,7 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
     if world.is_master and failed is None:
         checkpoint = {
             "model": model_state,  # the uncompiled module: no _orig_mod. or module. prefixes
-            "config": dataclasses.asdict(raw_model.config), "revision": raw_model.revision, "step": step,
-            "val_loss": val_loss,
+            "config": dataclasses.asdict(raw_model.config), "revision": raw_model.revision, "step": step, **record,
             "optimizer": optimizer_state, "loaders": [r["loader"] for r in ranks],
             "rng": [r["rng"] for r in ranks], "args": dataclasses.asdict(cfg),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_commit(), "torch": str(torch.__version__),
@@ -114,7 +116,7 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
         try:
             atomic_write(path, lambda f: torch.save(checkpoint, f),
                          hint=". Earlier checkpoints are intact: free some space, then continue with --resume")
-            prune_checkpoints(log_dir, cfg.keep_checkpoints, step)
+            prune_checkpoints(log_dir, cfg.keep_checkpoints, step, record["run"])
         except UserError as e:
             failed = e
     # every rank learns whether rank 0 succeeded (this also holds them until the file is complete)
@@ -137,12 +139,36 @@ def checkpoint_step(path):
     return int(CHECKPOINT_NAME.match(Path(path).name)[1])
 
 
-def prune_checkpoints(log_dir, keep, step):
-    """Keep the newest `keep` checkpoints up to `step`, the one just written. A checkpoint of a later step is not
-    this run's (a file --resume skipped as corrupt, say): it is never pruned in its place."""
+def prune_checkpoints(log_dir, keep, step, run):
+    """Keep this run's newest `keep` checkpoints up to `step`, the one just written. Only files that are what their
+    names say, checkpoints of this run (checkpoint_identity), are ever deleted: a later step (a file --resume skipped
+    as corrupt, say) or another run's file copied in is neither pruned nor counted."""
     if keep > 0:
-        for path in [p for p in list_checkpoints(log_dir) if checkpoint_step(p) <= step][:-keep]:
+        ours = [p for p in list_checkpoints(log_dir) if checkpoint_step(p) <= step
+                and checkpoint_identity(p) == (run, checkpoint_step(p))]
+        for path in ours[:-keep]:
             path.unlink()
+
+
+def checkpoint_identity(path):
+    """(run id, step) read from a checkpoint file without reading its tensors (memory-mapped), or None when it cannot
+    be read. The run id is made at a run's first start and kept by every resume (None in files older than it)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return checkpoint.get("run"), checkpoint.get("step")
+    except Exception:  # noqa: BLE001 -- torn, foreign: not a checkpoint whose identity can be told
+        return None
+
+
+def name_problem(path, checkpoint):
+    """Why a checkpoint's file name and its content disagree (model_00020.pt holding step 5: a copy renamed), or None.
+    Files named otherwise (best.pt) are not told by their names."""
+    m = CHECKPOINT_NAME.match(Path(path).name)
+    if m and int(m[1]) != checkpoint["step"]:
+        return (f"{path} holds step {checkpoint['step']}, not the step {int(m[1])} its name says: a copy of another "
+                f"checkpoint under another name? Rename it model_{checkpoint['step']:05d}.pt, or move it out of "
+                f"{Path(path).parent}")
+    return None
 
 
 MODEL_KEYS = {"model": dict, "config": dict, "step": int}  # what from_checkpoint needs
@@ -154,9 +180,15 @@ def load_checkpoint(path, map_location="cpu", for_resume=False):
     weights_only: plain tensors and containers, so no code in the file runs on load."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip: anything else (torn, foreign) never reaches torch
+        raise UserError(f"{path} is not a readable checkpoint (not a complete torch.save file: a torn write, or "
+                        f"another kind of file)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: torch raises several kinds
+    except pickle.UnpicklingError:  # weights_only refused an object (torch's message advises weights_only=False)
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (it holds Python objects other than tensors, "
+                        f"never loaded: loading them would run code from the file)") from None
+    except Exception as e:  # noqa: BLE001 -- a damaged zip: torch raises several kinds
         raise UserError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
     expected = {**MODEL_KEYS, **(RESUME_KEYS if for_resume else {})}
     if not isinstance(checkpoint, dict):
@@ -168,11 +200,20 @@ def load_checkpoint(path, map_location="cpu", for_resume=False):
     if isinstance(saved, int) and checksum(checkpoint) != saved:
         raise UserError(f"{path} is corrupt: its contents do not match the checksum saved with them; use an "
                         f"earlier checkpoint")
+    if problem := name_problem(path, checkpoint):
+        raise MisnamedCheckpoint(problem)
     return checkpoint
 
 
+class MisnamedCheckpoint(UserError):
+    """A readable checkpoint under a name that says another step: refused, never passed over as a torn file is."""
+
+
 def find_resume_checkpoint(log_dir, resume):
-    """(path, checkpoint) for --resume: the given file, or the newest readable checkpoint in log_dir."""
+    """(path, checkpoint) for --resume: the given file, or the newest readable checkpoint in log_dir. A torn or
+    corrupt newest file is passed over (a crash while saving); one that is not what its name says, or belongs to
+    another run than the directory's log.txt names, is refused: resuming it would adopt that run's flags and
+    overwrite this run's checkpoints."""
     if resume != "latest":
         return Path(resume), load_checkpoint(resume, for_resume=True)
     candidates = list_checkpoints(log_dir)
@@ -181,19 +222,44 @@ def find_resume_checkpoint(log_dir, resume):
                         f"or point --log_dir at the run's directory")
     for path in reversed(candidates):
         try:
-            return path, load_checkpoint(path, for_resume=True)
+            checkpoint = load_checkpoint(path, for_resume=True)
+        except MisnamedCheckpoint:
+            raise
         except UserError as e:
             print0(f"skipping {e}")  # every rank reads the checkpoint: one of them says so
+            continue
+        directory_run = run_of_log(Path(log_dir) / "log.txt")
+        if directory_run is not None and checkpoint.get("run") != directory_run:
+            raise UserError(f"--resume: {path} belongs to another run (id {checkpoint.get('run')}) than the one "
+                            f"{Path(log_dir) / 'log.txt'} records (id {directory_run}): move it out of {log_dir}, "
+                            f"or continue it on purpose with --resume {path} --log_dir EMPTY_DIR")
+        return path, checkpoint
     raise UserError(f"--resume: none of the checkpoints in {log_dir} is readable")
+
+
+def run_of_log(log_path):
+    """The run id the newest '# run' or '# resume' line of a log.txt names ("| run <id>"), or None."""
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    ids = [m[1] for line in lines if line.startswith("#") and (m := RUN_ID.search(line))]
+    return ids[-1] if ids else None
+
+
+RUN_ID = re.compile(r"\| run ([0-9a-f]+)\b")
 
 
 def restore_checkpoint(checkpoint, optimizers, train_loader, world):
     """Optimizer moments, the data position and this rank's random generators, as the checkpoint left them."""
     for optimizer, state in zip(optimizers, checkpoint["optimizer"]):
-        optimizer.load_state_dict(state)
-        for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
+        # fused AdamW is this device's choice (configure_optimizers), not the saved one's, and it must be set before
+        # load_state_dict, which places each `step` counter by it: on the parameters' device when fused. Set after,
+        # a CPU checkpoint resumed on CUDA handed the fused kernel CPU counters.
+        for saved, group in zip(state["param_groups"], optimizer.param_groups):
             if "fused" in group:
-                group["fused"] = world.device_type == "cuda"
+                saved["fused"] = group["fused"]
+        optimizer.load_state_dict(state)
     train_loader.load_state_dict(checkpoint["loaders"][0])  # a global position: the same for every rank
     rng = checkpoint["rng"]  # one state per rank; a run resumed on another number of ranks gives each rank 0's
     set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)

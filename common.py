@@ -197,7 +197,7 @@ def download(url, path, sha256=None, timeout=60):
             raise OSError(f"sha256 {digest.hexdigest()} differs from the expected {sha256}")
 
     # two commands, each runnable as printed (quoted for a shell), rather than one line to take apart
-    hint = f". Fetch it by hand: `curl -L -o {shlex.quote(str(path))} {shlex.quote(url)}`"
+    hint = f". Fetch it by hand: `curl -L --create-dirs -o {shlex.quote(str(path))} {shlex.quote(url)}`"
     if sha256:
         hint += f", then check it: `echo {shlex.quote(f'{sha256}  {path}')} | sha256sum -c`"
     try:

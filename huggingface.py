@@ -79,14 +79,24 @@ def shape_of(hf_config, name):
     return dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
 
 
-def local_shape(directory):
-    """shape_of a local Hugging Face directory, read from its config.json alone (no weights loaded)."""
+def read_config(name_or_path):
+    """transformers' config of a hub name or a local directory, or one line saying why it cannot be read."""
     from transformers import AutoConfig
 
     try:
-        return shape_of(AutoConfig.from_pretrained(directory), directory)
-    except (OSError, ValueError) as e:  # not a config transformers can read
-        raise UserError(f"--init_from {directory}: {first_line(e)}") from None
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:  # OSError: not on the hub, offline, not a model directory; ValueError:
+        # a model type this transformers does not know (the offline hint would mislead there)
+        hint = "; offline, set HF_HUB_OFFLINE=1 to use a cached copy" if isinstance(e, OSError) else ""
+        raise UserError(f"could not load {name_or_path} ({first_line(e)}){hint}") from None
+    except Exception as e:  # noqa: BLE001 -- a config.json whose fields have the wrong types, ...
+        raise UserError(f"could not load {name_or_path}: its config.json cannot be used ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
+
+
+def local_shape(directory):
+    """shape_of a local Hugging Face directory, read from its config.json alone (no weights loaded)."""
+    return shape_of(read_config(directory), directory)
 
 
 # -----------------------------------------------------------------------------
@@ -191,16 +201,15 @@ def load(name_or_path):
     """(recipe, shape, weights) of a Hugging Face model that one of our recipes computes exactly: the --recipe, the
     GPTConfig fields and a state_dict under our names. One line for what cannot load: not on the hub, offline, not a
     model directory, another architecture, a weights file that is truncated or lacks a tensor."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    config = read_config(name_or_path)
+    shape = shape_of(config, name_or_path)  # refuses what no recipe computes exactly
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
-        shape = shape_of(config, name_or_path)  # refuses what no recipe computes exactly
         hf, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError) as e:  # OSError: not on the hub, offline, not a model directory; ValueError:
-        # a model type this transformers does not know (the offline hint would mislead there)
-        hint = "; offline, set HF_HUB_OFFLINE=1 to use a cached copy" if isinstance(e, OSError) else ""
-        raise UserError(f"could not load {name_or_path} ({first_line(e)}){hint}") from None
+    except OSError as e:  # not on the hub, offline, no weights file
+        raise UserError(f"could not load {name_or_path} ({first_line(e)}); offline, set HF_HUB_OFFLINE=1 to use a "
+                        f"cached copy") from None
     except Exception as e:  # noqa: BLE001 -- safetensors' own error type: a truncated or damaged weights file
         raise UserError(f"could not load {name_or_path}: its weights file is damaged ({first_line(e)}); export or "
                         f"download it again") from None

@@ -653,7 +653,8 @@ class TrainConfig:
                                   RUN)
     sample_every: int = flag(250, "steps between printed samples", RUN)
     prompt: str = flag("Hello, I'm a language model,", "the samples' prompt", RUN)
-    checkpoint_every: int = flag(5000, "steps between checkpoints (also one at the end)", RUN)
+    checkpoint_every: int = flag(5000, "steps between checkpoints; one is always saved after the last update (0: only "
+                                 "that one)", RUN)
     keep_checkpoints: int = flag(3, "keep the newest N checkpoints (0: keep all)", RUN)
     # the machine
     compile: str = flag("auto", "torch.compile the model (auto: on CUDA)", MACHINE, choices=("auto", "true", "false"))
@@ -716,15 +717,15 @@ def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
 
 
-def loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader):
+def loop(cfg, run, model, raw_model, optimizers, train_loader, val_loader, evals):
     """build-nanogpt's loop: at the start of a step the evaluations that are due, then one optimizer update. A stop
     request (SIGTERM when a machine is reclaimed, Ctrl-C) saves a checkpoint at the next safe point: after the
-    update, or at once during an evaluation, which it cuts short."""
-    B, T, W, dtype = cfg.micro_batch_size, cfg.seq_len, world.world_size, run.dtype
+    update, or at once during an evaluation, which it cuts short. evals: HellaSwag's examples and CORE's (tasks,
+    items), loaded before the run started (None where not evaluated)."""
+    world, B, T, W, dtype = run.world, cfg.micro_batch_size, cfg.seq_len, run.world.world_size, run.dtype
     grad_accum_steps = cfg.total_batch_size // (B * T * W)
     val_steps = max(1, cfg.val_tokens // (B * T * W))  # the same val tokens for any world size
-    hella_examples = bookkeeping.load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None
-    core_items = bookkeeping.load_core(cfg, world, raw_model) if cfg.core_every > 0 else None  # (tasks, items)
+    hella_examples, core_items = evals
     val_loss = run.start.val_loss  # the latest val loss, which each checkpoint records
     for step in range(run.start.step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps  # evaluations and a checkpoint once more after the last update
@@ -803,13 +804,20 @@ def train(cfg, world, given=()):
     data, B, T, W = bookkeeping.fetch_data(cfg, world), cfg.micro_batch_size, cfg.seq_len, world.world_size
     train_loader = ShardedLoader(data, B, T, "train", world.rank, W, cfg.seed, config.vocab_size)
     val_loader = ShardedLoader(data, B, T, "val", world.rank, W, vocab_size=config.vocab_size)
+    bookkeeping.check_epochs(cfg, start, train_loader)  # a run that would read a small corpus 1,000s of times
     if start.resumed_from is not None:  # optimizer moments, data position, random generators as the run left them
         restore_checkpoint(checkpoint, optimizers, train_loader, world)
     del checkpoint  # loaded: a 124M checkpoint is 1.5 GB, not to be kept for the whole run
-    with bookkeeping.Run(cfg, world, start, dtype) as run:  # the --log_dir lock, log.txt (and W&B), stop signals
+    evals = (bookkeeping.load_hellaswag(cfg, world, raw_model) if cfg.hellaswag_every > 0 else None,  # before any
+             bookkeeping.load_core(cfg, world, raw_model) if cfg.core_every > 0 else None)  # file is written
+
+    def probe():  # the loss of one val micro-batch: it must be finite before any checkpoint is written (Run.save)
+        return evaluate_val(raw_model, val_loader, 1, world, dtype, stop=lambda: False)
+
+    with bookkeeping.Run(cfg, world, start, dtype, probe) as run:  # the --log_dir lock, log.txt (and W&B), signals
         run.announce(raw_model, train_loader, use_compile, lr_multiplier(cfg))
         try:
-            loop(cfg, world, run, model, raw_model, optimizers, train_loader, val_loader)
+            loop(cfg, run, model, raw_model, optimizers, train_loader, val_loader, evals)
         except Exception as e:  # noqa: BLE001 -- out of memory, torch.compile without a C compiler: one line
             raise run.as_user_error(e) from None
 
@@ -860,8 +868,12 @@ def main(argv=None):
         if world.world_size > 1:
             torch.distributed.barrier()  # leave together: gloo can abort a rank whose peer has already gone
     except (UserError, OSError) as e:  # OSError: a path the system refuses (a name too long, ...), also one line
-        print0(f"train_gpt2.py: error: {e}", file=sys.stderr)  # one message, not one per rank
+        bookkeeping.report_error("train_gpt2.py", e, world)  # once, or by the rank that alone met it
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one in it: stop now, without a checkpoint
+        print0("\ntrain_gpt2.py: interrupted, without saving; --resume continues from the newest checkpoint",
+               file=sys.stderr)
+        sys.exit(130)
     finally:
         if world is not None and world.world_size > 1:
             torch.distributed.destroy_process_group()
