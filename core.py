@@ -310,11 +310,14 @@ def summarize(tasks, counts):
 # Command line
 
 def check_paths(args):
-    """-m and --json as hellaswag.py checks them, and --bundle_dir, in one line before any work."""
-    hellaswag.check_paths(argparse.Namespace(model=args.model, data_file=None, json=args.json))
+    """-m and --json as hellaswag.py checks them, and --bundle_dir, in one line before any work; --json may be
+    neither the model nor inside it or the bundle."""
     if args.bundle_dir and common.path_kind(args.bundle_dir) != "a directory":
         raise common.UserError(f"--bundle_dir {args.bundle_dir} is {common.what_is(args.bundle_dir)}, not the "
                                f"unzipped eval_bundle directory")
+    bundle = {"--bundle_dir": args.bundle_dir} if args.bundle_dir else {"the downloaded eval bundle": BUNDLE_DIR}
+    hellaswag.check_paths(argparse.Namespace(model=args.model, data_file=None, json=args.json),
+                          inputs={"-m": args.model, **bundle})
 
 
 def print_table(tasks, summary):

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (SHARD_NAME, UserError, atomic_write, get_tokenizer, lock_directory, new_directories,
-                    remove_if_empty, shard_name)
+                    output_conflicts, remove_if_empty, shard_name)
 
 SAMPLE_10BT_TOKENS = 10**10  # sample-10BT is ~10B GPT-2 tokens: the progress bar's total, for an ETA
 # ~1 MB of text (~250k tokens) per worker task: big enough that sending it between processes costs little next to
@@ -356,9 +356,17 @@ def parse_args(argv):
             problems.append(f"--input {path}: no such file")
         elif path.suffix not in (".txt", ".jsonl", ".parquet"):
             problems.append(f"--input {path}: unknown file type; use .txt (one document), .jsonl or .parquet")
+    if not problems:  # (an --input that is not a file has said so already)
+        problems += output_conflicts({"--out": out_dir(args)}, {"--input": args.input})
     if problems:
         raise UserError("; ".join(problems))
     return args
+
+
+def out_dir(args):
+    """--out, or by default edu_fineweb10B beside this script, where train_gpt2.py looks (a --out of the user's is
+    relative to the cwd)."""
+    return args.out or Path(__file__).resolve().parent / "edu_fineweb10B"
 
 
 def make_shards(pool, args, out, manifest):
@@ -392,8 +400,7 @@ def make_shards(pool, args, out, manifest):
 
 
 def make_dataset(args):
-    # the default lands beside this script, where train_gpt2.py looks; a --out of the user's is relative to the cwd
-    out = args.out or Path(__file__).resolve().parent / "edu_fineweb10B"
+    out = out_dir(args)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another --out")
     config = run_config(args)

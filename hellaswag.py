@@ -298,9 +298,11 @@ def json_problem(path):
     return None
 
 
-def check_paths(args):
+def check_paths(args, inputs=None):
     """One UserError naming every problem of -m, --data_file and --json, before the download, the model load and
-    the scoring. An OSError (a name over 255 bytes, a file used as a folder, no permission) is a problem too."""
+    the scoring. An OSError (a name over 255 bytes, a file used as a folder, no permission) is a problem too.
+    inputs: {flag: path} of what the program reads, none of which --json may overwrite or land in (default
+    hellaswag.py's: -m, and --data_file or the downloaded split)."""
     checks = {"-m": (args.model, model_problem), "--data_file": (args.data_file, data_file_problem),
               "--json": (args.json, json_problem)}
     problems = []
@@ -315,6 +317,11 @@ def check_paths(args):
             problems.append(f"{flag} {path}: {problem}")
     if problems:
         raise common.UserError("; ".join(problems))
+    if inputs is None:
+        data = {"--data_file": args.data_file} if args.data_file else {
+            "the downloaded split": DATA_DIR / f"hellaswag_{args.split}.jsonl"}
+        inputs = {"-m": args.model, **data}
+    common.check_outputs({"--json": args.json}, inputs)
 
 
 def load_model(name):

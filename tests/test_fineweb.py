@@ -192,6 +192,20 @@ def test_a_corpus_smaller_than_one_shard_warns_and_suggests_a_shard_size(tmp_pat
     assert [split for split, _ in common.list_shards(tmp_path / "out2")] == ["val"] + ["train"] * 9
 
 
+def test_an_input_inside_out_is_refused_before_any_work(tmp_path, capsys):
+    """--out is fineweb.py's: its messages say to delete it to start over; an input in it would go with it."""
+    (tmp_path / "out").mkdir()
+    path = write_documents(tmp_path / "out" / "docs.jsonl", ["hello world"] * 500)
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    for out in (tmp_path / "out", tmp_path / "link", tmp_path):
+        message = error_of(capsys, ["--input", path, "--out", str(out), "--shard_size", "100", "--workers", "1"])
+        assert message == (f"fineweb.py: error: --input {path} is inside --out {out}, which this program writes "
+                           f"into; choose another --out")
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["docs.jsonl"]  # no lock, manifest, shard
+    message = error_of(capsys, ["--input", path, "--out", path, "--workers", "1"])  # the file itself as --out
+    assert f"--out {path} is the same file as --input {path}" in message
+
+
 def interrupt_after(monkeypatch, n_shards):
     """Makes the next run stop like Ctrl-C right after its n-th finished shard."""
     finish_shard = fineweb.finish_shard

@@ -1,0 +1,143 @@
+"""hellaswag.py and core.py at their edges: no output over an input (common.check_outputs), no score for a diverged
+model, one line for every bundle, data file or model file they cannot use, and no empty HellaSwag ending."""
+import json
+import os
+import random
+import re
+
+import pytest
+import torch
+from test_core import TASKS, write_bundle
+from test_hellaswag import make_examples, save_checkpoint, tiny_gpt, write_examples
+
+import common
+import core
+import hellaswag
+from train_gpt2 import GPT, GPTConfig
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """hellaswag.py and core.py may not read data, load a model or score: the path checks come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the work started before the paths were checked")
+
+    for name in ("iterate_examples", "load_model", "evaluate", "download"):
+        monkeypatch.setattr(hellaswag, name, fail)
+    for name in ("load_tasks", "download", "score"):
+        monkeypatch.setattr(core, name, fail)
+
+
+def one_line_error(run, program):
+    """The message of main()'s one-line error: hellaswag.py exits with it, core.py prints it to stderr."""
+    message = str(run.value.code) if program == "hellaswag.py" else run.err
+    assert message.startswith(f"{program}: error: ") and message.rstrip("\n").count("\n") == 0, message
+    return message.rstrip("\n")
+
+
+# -- common.output_conflicts: an output is never an input, never inside one, never holds one
+
+def test_output_conflicts_compare_resolved_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.pt").write_bytes(b"weights")
+    (tmp_path / "link.json").symlink_to(tmp_path / "m.pt")
+    os.link(tmp_path / "m.pt", tmp_path / "hard.json")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "sub").mkdir()
+    inputs = {"-m": "m.pt"}
+    for same in ("m.pt", "./m.pt", "sub/../m.pt", str(tmp_path / "m.pt"), "link.json", "hard.json"):
+        assert common.output_conflicts({"--json": same}, inputs) == [
+            f"--json {same} is the same file as -m m.pt: writing it would destroy that input; choose another --json"]
+    assert common.output_conflicts({"--json": "export/config.json"}, {"-m": "export"}) == [
+        "--json export/config.json is inside -m export: outputs never go among the inputs; choose another --json"]
+    assert common.output_conflicts({"--out": "."}, {"--input": ["sub/a.txt", "../elsewhere.txt"]}) == [
+        "--input sub/a.txt is inside --out ., which this program writes into; choose another --out"]
+    # neighbours in one directory, a file named like a directory's prefix, and flags not given: no conflict
+    assert common.output_conflicts({"--json": "m.json", "--out": "export2", "--x": None},
+                                   {"-m": "m.pt", "--bundle_dir": "export", "--data_file": None}) == []
+    with pytest.raises(common.UserError, match=r"^--json m\.pt is the same file as -m m\.pt: .*; "
+                                               r"--png m\.pt is the same file as -m m\.pt: .* choose another --out$"):
+        common.check_outputs({"--json": "m.pt", "--png": ["m.png", "m.pt"]}, inputs, fix="choose another --out")
+
+
+# -- 1. --json may not overwrite, or land among, what the program reads
+
+JSON_OVER_INPUTS = {  # name -> (argv given tmp_path's files, the message's start)
+    "the checkpoint": (lambda t: ["-m", t / "m.pt", "--json", t / "m.pt"],
+                       "--json {t}/m.pt is the same file as -m {t}/m.pt"),
+    "the checkpoint by a link": (lambda t: ["-m", t / "m.pt", "--json", t / "link.json"],
+                                 "--json {t}/link.json is the same file as -m {t}/m.pt"),
+    "the checkpoint, another spelling": (lambda t: ["-m", t / "m.pt", "--json", t / "export" / ".." / "m.pt"],
+                                         "--json {t}/export/../m.pt is the same file as -m {t}/m.pt"),
+    "the data file": (lambda t: ["-m", t / "m.pt", "--data_file", t / "hs.jsonl", "--json", t / "hs.jsonl"],
+                      "--json {t}/hs.jsonl is the same file as --data_file {t}/hs.jsonl"),
+    "inside a model directory": (lambda t: ["-m", t / "export", "--json", t / "export" / "config.json"],
+                                 "--json {t}/export/config.json is inside -m {t}/export"),
+    "a new file in a model directory": (lambda t: ["-m", t / "export", "--json", t / "export" / "h.json"],
+                                        "--json {t}/export/h.json is inside -m {t}/export"),
+    "the downloaded split": (lambda t: ["-m", t / "m.pt", "--json", t / "cache" / "hellaswag_val.jsonl"],
+                             "--json {t}/cache/hellaswag_val.jsonl is the same file as the downloaded split"),
+}
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """A checkpoint, a link to it, a data file, a model directory and a downloaded split, with their bytes."""
+    save_checkpoint(tiny_gpt(), tmp_path / "m.pt")
+    (tmp_path / "link.json").symlink_to(tmp_path / "m.pt")
+    write_examples(tmp_path / "hs.jsonl", make_examples())
+    tiny_gpt().save_pretrained(tmp_path / "export")
+    monkeypatch.setattr(hellaswag, "DATA_DIR", tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    write_examples(tmp_path / "cache" / "hellaswag_val.jsonl", make_examples())
+    return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", JSON_OVER_INPUTS)
+def test_hellaswag_json_never_overwrites_an_input(tmp_path, inputs, no_work, case):
+    argv, message = JSON_OVER_INPUTS[case]
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-d", "cpu", *map(str, argv(tmp_path))])
+    error = one_line_error(run, "hellaswag.py")
+    assert error.startswith("hellaswag.py: error: " + message.format(t=tmp_path)), error
+    assert error.endswith("choose another --json")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == inputs  # nothing written, nothing lost
+
+
+def test_hellaswag_json_over_the_checkpoint_end_to_end(tmp_path):
+    """Without the check the checkpoint was scored, then replaced by the JSON (exit 0): still loadable now."""
+    path = save_checkpoint(tiny_gpt(), tmp_path / "m.pt")
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
+    with pytest.raises(SystemExit, match="is the same file as -m"):
+        hellaswag.main(["-m", str(path), "--data_file", str(data), "-d", "cpu", "--json", str(path)])
+    assert hasattr(hellaswag.load_model(str(path)), "hidden_states")
+
+
+CORE_JSON_OVER_INPUTS = {
+    "the checkpoint": (lambda t: ["-m", t / "m.pt", "--bundle_dir", t / "b", "--json", t / "m.pt"],
+                       "--json {t}/m.pt is the same file as -m {t}/m.pt"),
+    "a bundle file": (lambda t: ["-m", t / "m.pt", "--bundle_dir", t / "b", "--json", t / "b" / "core.yaml"],
+                      "--json {t}/b/core.yaml is inside --bundle_dir {t}/b"),
+    "the downloaded bundle": (lambda t: ["-m", t / "m.pt", "--json", t / "eval_bundle" / "core.yaml"],
+                              "--json {t}/eval_bundle/core.yaml is inside the downloaded eval bundle"),
+    "the model directory": (lambda t: ["-m", t / "export", "--bundle_dir", t / "b", "--json",
+                                       t / "export" / "model.safetensors"],
+                            "--json {t}/export/model.safetensors is inside -m {t}/export"),
+}
+
+
+@pytest.mark.parametrize("case", CORE_JSON_OVER_INPUTS)
+def test_core_json_never_overwrites_an_input(tmp_path, monkeypatch, no_work, capsys, case):
+    save_checkpoint(tiny_gpt(), tmp_path / "m.pt")
+    tiny_gpt().save_pretrained(tmp_path / "export")
+    write_bundle(tmp_path / "b")
+    write_bundle(tmp_path / "eval_bundle")
+    monkeypatch.setattr(core, "BUNDLE_DIR", tmp_path / "eval_bundle")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv, message = CORE_JSON_OVER_INPUTS[case]
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    with pytest.raises(SystemExit):
+        core.main(["-d", "cpu", *map(str, argv(tmp_path))])
+    error = one_line_error(capsys.readouterr(), "core.py")
+    assert error.startswith("core.py: error: " + message.format(t=tmp_path)) and error.endswith("another --json")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
