@@ -249,6 +249,7 @@ def score_batch(model, items, device, block_size):
     logits = hellaswag.logits_at(model, batch, which.to(device), where.to(device)).float()
     targets = batch[which.to(device), where.to(device) + 1]
     losses = F.cross_entropy(logits, targets, reduction="none").cpu()
+    hellaswag.check_finite(losses)  # a diverged model: refused, not scored by argmin over nan
     hits = (logits.argmax(dim=-1) == targets).cpu()
     mean = torch.zeros(len(rows)).index_add_(0, which, losses) / torch.bincount(which, minlength=len(rows))
     all_hit = torch.zeros(len(rows), dtype=torch.long).index_add_(0, which, (~hits).long()) == 0

@@ -233,6 +233,15 @@ def score_batch(model, batch, device):
     return per_token.sum(dim=1).view(-1, 4), mask[:, 1:].sum(dim=1).view(-1, 4)
 
 
+def check_finite(losses):
+    """UserError if a loss is nan or inf: a diverged model, whose argmin would pick an ending at random (the first),
+    and whose score would look like a weak model's. core.py checks its losses here too."""
+    if not torch.isfinite(losses).all():
+        kind = "nan" if losses.isnan().any() else "inf"
+        raise common.UserError(f"the model's losses are not finite ({kind}): it diverged; score an earlier "
+                               f"checkpoint")
+
+
 @torch.no_grad()
 def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=False, stop=None):
     """Score example dicts, or tuples from render_example, -> dict(n, correct, correct_norm, acc, acc_norm).
@@ -242,6 +251,7 @@ def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=F
     log's score is the one the model computes in training. The counts are exact integers, for
     all_reduce across ranks. stop: a callable; when it returns True the scoring ends early (training uses it to
     save a checkpoint in time when the machine is being reclaimed) and the counts cover the examples scored.
+    A nan or inf loss (a diverged model) raises a UserError instead of a score (check_finite).
     """
     rendered = [ex if isinstance(ex, tuple) else render_example(ex) for ex in examples]
     check_fits(model, rendered)
@@ -252,20 +262,23 @@ def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=F
     was_training = model.training
     model.eval()
     n = correct = correct_norm = 0
-    with tqdm(total=len(rendered), unit="ex", disable=not progress) as bar:
-        for start in range(0, len(rendered), batch_size):
-            if stop is not None and stop():
-                break
-            batch = rendered[start:start + batch_size]
-            with common.autocast(device_type, dtype):
-                sum_loss, n_tokens = score_batch(model, batch, device)
-            labels = torch.tensor([label for _, _, _, label in batch], device=sum_loss.device)
-            # argmin takes the first of equal losses, as build-nanogpt's per-example argmin does
-            correct += (sum_loss.argmin(dim=1) == labels).sum().item()
-            correct_norm += ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item()
-            n += len(batch)
-            bar.update(len(batch))
-    model.train(was_training)
+    try:  # (a refused model goes back to the mode it came in, as after a finished scoring)
+        with tqdm(total=len(rendered), unit="ex", disable=not progress) as bar:
+            for start in range(0, len(rendered), batch_size):
+                if stop is not None and stop():
+                    break
+                batch = rendered[start:start + batch_size]
+                with common.autocast(device_type, dtype):
+                    sum_loss, n_tokens = score_batch(model, batch, device)
+                check_finite(sum_loss)
+                labels = torch.tensor([label for _, _, _, label in batch], device=sum_loss.device)
+                # argmin takes the first of equal losses, as build-nanogpt's per-example argmin does
+                correct += (sum_loss.argmin(dim=1) == labels).sum().item()
+                correct_norm += ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item()
+                n += len(batch)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
     return {"n": n, "correct": correct, "correct_norm": correct_norm,
             "acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1)}
 

@@ -141,3 +141,53 @@ def test_core_json_never_overwrites_an_input(tmp_path, monkeypatch, no_work, cap
     error = one_line_error(capsys.readouterr(), "core.py")
     assert error.startswith("core.py: error: " + message.format(t=tmp_path)) and error.endswith("another --json")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# -- 2. a model whose losses are not finite is refused, not scored
+
+def diverged_gpt(block_size=128):
+    """Finite weights (each under 1e31), but attention scores past float32's range: every loss is nan. A run that
+    diverged leaves such a model; scored, argmin over nan picked the first ending and the score looked real."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.fill_(1e30)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return model
+
+
+DIVERGED = "the model's losses are not finite (nan): it diverged; score an earlier checkpoint"
+
+
+def test_hellaswag_refuses_a_diverged_model():
+    model = diverged_gpt().train()
+    with pytest.raises(common.UserError, match=f"^{re.escape(DIVERGED)}$"):
+        hellaswag.evaluate(model, make_examples(), "cpu", batch_size=4)
+    assert model.training  # back in the mode it came in
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")  # inf weights: nan too, never a score
+    with pytest.raises(common.UserError, match="not finite"):
+        hellaswag.evaluate(model, make_examples(), "cpu")
+
+
+def test_hellaswag_cli_writes_no_json_for_a_diverged_checkpoint(tmp_path):
+    path = save_checkpoint(diverged_gpt(), tmp_path / "diverged.pt")
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", str(path), "--data_file", str(data), "-d", "cpu", "--json", str(tmp_path / "h.json")])
+    assert one_line_error(run, "hellaswag.py") == f"hellaswag.py: error: {DIVERGED}"
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_core_refuses_a_diverged_model(tmp_path, capsys):
+    bundle = write_bundle(tmp_path / "b")
+    tasks = core.load_tasks(bundle)
+    with pytest.raises(common.UserError, match=f"^{re.escape(DIVERGED)}$"):
+        core.evaluate(diverged_gpt(32), tasks, core.render(tasks), "cpu", batch_size=4)
+    path = save_checkpoint(diverged_gpt(32), tmp_path / "diverged.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        core.main(["-m", str(path), "--bundle_dir", str(bundle), "-d", "cpu", "--json", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err  # the progress bar of the scoring begun, then the one line
+    assert err.splitlines()[-1] == f"core.py: error: {DIVERGED}" and "Traceback" not in err
+    assert not (tmp_path / "c.json").exists()
