@@ -191,3 +191,70 @@ def test_core_refuses_a_diverged_model(tmp_path, capsys):
     err = capsys.readouterr().err  # the progress bar of the scoring begun, then the one line
     assert err.splitlines()[-1] == f"core.py: error: {DIVERGED}" and "Traceback" not in err
     assert not (tmp_path / "c.json").exists()
+
+
+# -- 3. core.py: every bundle it cannot use is one line, refused by load_tasks (training loads its tasks there too)
+
+def with_baseline(directory, value):
+    write_bundle(directory, [t if t[0] != "mc_task" else (*t[:5], value) for t in TASKS])
+    return directory
+
+
+def with_yaml(directory, old, new):
+    write_bundle(directory)
+    text = (directory / "core.yaml").read_text()
+    assert old in text
+    (directory / "core.yaml").write_text(text.replace(old, new))
+    return directory
+
+
+def not_utf8(directory, name):
+    write_bundle(directory)
+    path = directory / name
+    path.write_bytes(path.read_bytes().replace(b"Paris3", b"Par\xefs3").replace(b"schema_task", b"sch\xe9ma_task"))
+    return directory
+
+
+CSV = r"/eval_meta_data\.csv, task mc_task: random baseline"
+YAML = r"/core\.yaml, task mc_task:"
+BAD_BUNDLES = {  # name -> (make it, the message load_tasks raises, after the bundle's path)
+    "a jsonl line not UTF-8": (lambda d: not_utf8(d, "eval_data/sub/mc_task.jsonl"),
+                               r"/eval_data/sub/mc_task\.jsonl, line 4: not UTF-8 text \(invalid continuation byte"),
+    "core.yaml not UTF-8": (lambda d: not_utf8(d, "core.yaml"), r"/core\.yaml is not UTF-8 text"),
+    "the csv not UTF-8": (lambda d: not_utf8(d, "eval_meta_data.csv"), r"/eval_meta_data\.csv is not UTF-8 text"),
+    "a negative num_fewshot": (lambda d: with_yaml(d, "num_fewshot: [2]", "num_fewshot: [-1]"),
+                               YAML + r" num_fewshot \[-1\] must hold a whole number of examples, 0 or more"),
+    "a fractional num_fewshot": (lambda d: with_yaml(d, "num_fewshot: [2]", "num_fewshot: [1.5]"),
+                                 YAML + r" num_fewshot \[1\.5\] must hold a whole number"),
+    "a baseline of 100": (lambda d: with_baseline(d, 100.0),
+                          CSV + r" '100\.0' must be a percentage from 0 to below 100"),
+    "a baseline over 100": (lambda d: with_baseline(d, 150), CSV + r" '150' must be"),
+    "a negative baseline": (lambda d: with_baseline(d, -5), CSV + r" '-5' must be"),
+    "a baseline not a number": (lambda d: with_baseline(d, "n/a"), CSV + r" 'n/a' must be"),
+    "a baseline nan": (lambda d: with_baseline(d, "nan"), CSV + r" 'nan' must be"),
+    "a dataset_uri not a string": (lambda d: with_yaml(d, "dataset_uri: sub/mc_task.jsonl", "dataset_uri: 7"),
+                                   YAML + r" dataset_uri and continuation_delimiter must be strings"),
+    "a null delimiter": (lambda d: with_yaml(d, 'continuation_delimiter: "\\nAnswer: "', "continuation_delimiter:"),
+                         YAML + r" dataset_uri and continuation_delimiter must be strings"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BUNDLES)
+def test_bundles_core_cannot_use_are_refused_by_load_tasks(tmp_path, capsys, case):
+    make, message = BAD_BUNDLES[case]
+    directory = make(tmp_path / "b")
+    with pytest.raises(common.UserError, match=f"^{re.escape(str(directory))}{message}"):
+        core.load_tasks(directory)
+    with pytest.raises(SystemExit):
+        core.main(["-m", "gpt2", "--bundle_dir", str(directory), "-d", "cpu"])
+    assert re.search(message, one_line_error(capsys.readouterr(), "core.py"))
+
+
+def test_a_baseline_of_100_never_reaches_the_scoring(tmp_path, capsys, monkeypatch):
+    """It divided by zero in summarize, after all the scoring: a ZeroDivisionError traceback and no result."""
+    directory = with_baseline(tmp_path / "b", 100)
+    save_checkpoint(tiny_gpt(), tmp_path / "m.pt")
+    monkeypatch.setattr(core, "score", lambda *a: pytest.fail("scored a bundle it cannot center"))
+    with pytest.raises(SystemExit):
+        core.main(["-m", str(tmp_path / "m.pt"), "--bundle_dir", str(directory), "-d", "cpu"])
+    assert "random baseline '100' must be a percentage" in one_line_error(capsys.readouterr(), "core.py")
