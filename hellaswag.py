@@ -50,12 +50,15 @@ def example_problem(example):
     """What keeps an example from being scored, or None: it needs a context, 4 endings and a label 0-3."""
     if not isinstance(example, dict):
         return f"expected a JSON object, got {type(example).__name__}"
-    if not isinstance(example.get("ctx"), str) or not example["ctx"]:
+    if not isinstance(example.get("ctx"), str) or not example["ctx"].strip():
         return "'ctx' must be a non-empty string"
     endings = example.get("endings")
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         n = len(endings) if isinstance(endings, list) else "no"
         return f"'endings' must be a list of 4 strings, got {n} endings"
+    # an empty ending scores the lone space before it: one cheap token, the lowest summed loss nearly always
+    if blank := [i for i, e in enumerate(endings) if not e.strip()]:
+        return f"'endings' must be 4 non-empty strings, ending {blank[0]} is {endings[blank[0]]!r}"
     label = example.get("label")
     if type(label) is not int or not 0 <= label <= 3:  # type(): True is an int but not a label
         return f"'label' must be 0, 1, 2 or 3, got {label!r}"

@@ -258,3 +258,24 @@ def test_a_baseline_of_100_never_reaches_the_scoring(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         core.main(["-m", str(tmp_path / "m.pt"), "--bundle_dir", str(directory), "-d", "cpu"])
     assert "random baseline '100' must be a percentage" in one_line_error(capsys.readouterr(), "core.py")
+
+
+# -- 4. HellaSwag: an empty ending is refused, with its file and line
+
+@pytest.mark.parametrize("field, value, message", [
+    ("endings", ["a cat", "", "a dog", "a bird"], "'endings' must be 4 non-empty strings, ending 1 is ''"),
+    ("endings", ["a cat", "a dog", "a bird", " \n\t"], "'endings' must be 4 non-empty strings, ending 3 is ' \\n\\t'"),
+    ("ctx", "   ", "'ctx' must be a non-empty string"),
+])
+def test_empty_endings_and_contexts_are_refused(tmp_path, field, value, message):
+    examples = make_examples()
+    examples[2][field] = value
+    path = write_examples(tmp_path / "hs.jsonl", examples)
+    with pytest.raises(common.UserError, match=f"^{re.escape(f'{path}, line 3: {message}')}$"):
+        list(hellaswag.iterate_examples("val", path))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hellaswag.render_example(examples[2])
+    # what is accepted always has tokens to score: at least one per ending, after a context of at least one
+    for example in make_examples() + [{"ctx": ".", "endings": [".", "x", "\u200b", " a"], "label": 0}]:
+        data, _, mask, _ = hellaswag.render_example(example)
+        assert data["ctx_tokens"] and all(data["ending_tokens"]) and (mask.sum(dim=1) >= 1).all()
