@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import tempfile
+import zipfile
 from itertools import islice
 from pathlib import Path
 
@@ -353,6 +354,10 @@ def load_model(name):
     import train_gpt2
 
     if Path(name).is_file():
+        # torch.save writes a zip. Anything else would reach torch.load's unpickler, whose refusal recommends
+        # weights_only=False: unsafe advice for a file from elsewhere, and useless for one that is not a checkpoint
+        if not zipfile.is_zipfile(name):
+            raise common.UserError(f"{name} is not a readable checkpoint of train_gpt2.py (not a torch.save file)")
         try:
             return train_gpt2.GPT.from_checkpoint(name)  # its UserErrors name the file and the fault: let through
         except (LookupError, TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError) as e:
@@ -360,13 +365,18 @@ def load_model(name):
             # config that GPT's own asserts refuse (n_embd % n_head), ... (KeyError and IndexError: LookupErrors)
             reason = common.first_line(e)
             raise common.UserError(f"{name} is not a checkpoint of train_gpt2.py ({reason})") from None
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported only when needed
+    # heavy: imported only when needed
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         if name in GPT2_NAMES or not common.hf_differences(AutoConfig.from_pretrained(name)):
             return train_gpt2.GPT.from_pretrained(name)
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)  # autocast decides the compute
-    except (OSError, ValueError, KeyError) as e:  # offline, no config.json, an architecture transformers lacks
+    # offline, no config.json, an architecture transformers lacks; a config field of the wrong type (the hub's
+    # dataclass check), a damaged model.safetensors: neither is an OSError or a ValueError
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError, SafetensorError) as e:
         reason = common.first_line(e)
         raise common.UserError(f"could not load the Hugging Face model {name} ({reason})") from None
 

@@ -279,3 +279,62 @@ def test_empty_endings_and_contexts_are_refused(tmp_path, field, value, message)
     for example in make_examples() + [{"ctx": ".", "endings": [".", "x", "\u200b", " a"], "label": 0}]:
         data, _, mask, _ = hellaswag.render_example(example)
         assert data["ctx_tokens"] and all(data["ending_tokens"]) and (mask.sum(dim=1) >= 1).all()
+
+
+# -- 5. a file that is not a checkpoint: never torch's advice to load it with weights_only=False
+
+@pytest.mark.parametrize("content", [random.Random(0).randbytes(4096), b"hello world\n", b""],
+                         ids=["random bytes", "text", "empty"])
+def test_a_file_that_is_not_a_torch_save_file(tmp_path, capsys, content):
+    path = tmp_path / "garbage.bin"
+    path.write_bytes(content)
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
+    expected = f"{path} is not a readable checkpoint of train_gpt2.py (not a torch.save file)"
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", str(path), "--data_file", str(data), "-d", "cpu"])
+    assert one_line_error(run, "hellaswag.py") == f"hellaswag.py: error: {expected}"
+    with pytest.raises(SystemExit):
+        core.main(["-m", str(path), "--bundle_dir", str(write_bundle(tmp_path / "b")), "-d", "cpu"])
+    assert one_line_error(capsys.readouterr(), "core.py") == f"core.py: error: {expected}"
+
+
+class Pickled:
+    """Not a tensor nor a container: torch.load(weights_only=True) refuses it, and says it could run its code."""
+
+
+@pytest.mark.xfail(strict=True, reason="needs checkpoints.load_checkpoint to word torch's weights_only refusal")
+def test_a_torch_save_file_of_other_objects_never_advises_weights_only_false(tmp_path):
+    path = tmp_path / "objects.pt"
+    torch.save({"model": Pickled(), "config": {}, "step": 0}, path)
+    with pytest.raises(common.UserError) as info:
+        hellaswag.load_model(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a checkpoint of train_gpt2.py") and "\x1b" not in message
+    assert "weights_only" not in message and "can still be loaded" not in message
+
+
+# -- 7. a model directory with a damaged file or config: one line, not a traceback
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 100), "Error while deserializing header"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "model_type": "gpt_neo", "hidden_size": "x"})),
+     "Validation error for field 'hidden_size'"),
+])
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_damaged_model_directory_is_one_line(tmp_path, damage, message, ours):
+    if ours:  # a GPT-2 export: loads into our GPT (train_gpt2.GPT.from_pretrained)
+        tiny_gpt().save_pretrained(tmp_path / "hf")
+    else:  # another architecture: transformers' model
+        from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+        GPTNeoForCausalLM(GPTNeoConfig(vocab_size=50257, max_position_embeddings=128, hidden_size=32, num_layers=2,
+                                       num_heads=2, attention_types=[[["global", "local"], 1]])).save_pretrained(
+            tmp_path / "hf")
+    damage(tmp_path / "hf")
+    data = write_examples(tmp_path / "hs.jsonl", make_examples())
+    with pytest.raises(SystemExit) as run:
+        hellaswag.main(["-m", str(tmp_path / "hf"), "--data_file", str(data), "-d", "cpu"])
+    error = one_line_error(run, "hellaswag.py")
+    assert error.startswith(f"hellaswag.py: error: could not load the Hugging Face model {tmp_path / 'hf'} (")
+    assert message in error
