@@ -170,6 +170,56 @@ def remove_if_empty(directories):
             continue
 
 
+def real_path(path):
+    """The path with every symlink, `..` and `./` resolved, as far as it exists (a file still to be written has none
+    of its own). os.path.realpath, not Path.resolve: a loop of links or a name too long gives a path, not an error."""
+    return Path(os.path.realpath(path))
+
+
+def same_file(a, b):
+    """Whether two paths name one file or directory: by device and inode where both exist (hard links, bind
+    mounts), else by their real paths."""
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:  # one is still to be written (or unreadable): compare what the names resolve to
+        return real_path(a) == real_path(b)
+
+
+def output_conflicts(outputs, inputs, fix=None):
+    """Every place where an output of a program meets one of its inputs, as one problem each (a list of strings).
+
+    outputs and inputs: {flag: path, or a list of paths, or None}; a directory stands for everything in it: a
+    directory an output writes into (fineweb.py's --out), or one an input is read from (a model directory, CORE's
+    bundle). An output is refused where it is an input, is inside an input's directory, or holds an input: written,
+    it would destroy what the program reads, or plant a file among it. Paths are compared resolved, so a symlink,
+    a hard link or a ./ form of the same file is caught. fix: what to do (default: choose another <output flag>)."""
+    def listed(paths):
+        return [(flag, p) for flag, ps in paths.items() if ps
+                for p in ([ps] if isinstance(ps, (str, os.PathLike)) else ps)]
+
+    problems = []
+    for out_flag, out in listed(outputs):
+        todo = fix or f"choose another {out_flag}"
+        for in_flag, path in listed(inputs):
+            o, i = real_path(out), real_path(path)
+            if same_file(out, path):
+                problems.append(f"{out_flag} {out} is the same file as {in_flag} {path}: writing it would destroy "
+                                f"that input; {todo}")
+            elif o.is_relative_to(i):
+                problems.append(f"{out_flag} {out} is inside {in_flag} {path}: outputs never go among the inputs; "
+                                f"{todo}")
+            elif i.is_relative_to(o):
+                problems.append(f"{in_flag} {path} is inside {out_flag} {out}, which this program writes into; {todo}")
+    return problems
+
+
+def check_outputs(outputs, inputs, fix=None):
+    """One UserError naming every output that would overwrite or land among the inputs (output_conflicts), raised
+    before any work: a result written last would otherwise replace, say, the checkpoint it scored."""
+    if problems := output_conflicts(outputs, inputs, fix):
+        raise UserError("; ".join(problems))
+
+
 def download(url, path, sha256=None, timeout=60):
     """Fetch url into path once (checked against its Content-Length and, if given, its sha256); a failed or
     interrupted download leaves nothing behind: no file under the real name, and no folder it created."""

@@ -18,6 +18,7 @@ continuation has the lowest mean loss; language modeling: right only if every co
 
 import argparse
 import csv
+import io
 import json
 import random
 import shlex
@@ -92,9 +93,9 @@ def load_tasks(bundle_dir, max_per_task=None):
 
     bundle_dir = Path(bundle_dir)
     try:
-        config = yaml.safe_load((bundle_dir / "core.yaml").read_text(encoding="utf-8"))
-        with open(bundle_dir / "eval_meta_data.csv", encoding="utf-8", newline="") as f:
-            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+        config = yaml.safe_load(bundle_text(bundle_dir / "core.yaml"))
+        rows = csv.DictReader(io.StringIO(bundle_text(bundle_dir / "eval_meta_data.csv"), newline=""))
+        baselines = {row["Eval Task"]: row["Random baseline"] for row in rows}  # each checked where its task is
     except (OSError, yaml.YAMLError, KeyError, ValueError) as e:
         raise common.UserError(f"{bundle_dir} is not a CORE eval bundle ({type(e).__name__}: {common.first_line(e)}): "
                                f"it needs core.yaml and eval_meta_data.csv (Eval Task, Random baseline)") from None
@@ -104,37 +105,68 @@ def load_tasks(bundle_dir, max_per_task=None):
     return [load_task(bundle_dir, entry, baselines, max_per_task) for entry in entries]
 
 
+def bundle_text(path):
+    """A file of the bundle as text, or one line naming it when it is not UTF-8 (a decoding error names no file)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise common.UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): fetch the eval bundle "
+                               f"again") from None
+
+
 def load_task(bundle_dir, entry, baselines, max_per_task):
     where = f"{bundle_dir / 'core.yaml'}, task {entry.get('label', '?') if isinstance(entry, dict) else '?'}"
     try:
         label, kind, uri = entry["label"], entry["icl_task_type"], entry["dataset_uri"]
-        shots, delimiter = int(entry["num_fewshot"][0]), entry.get("continuation_delimiter", " ")
+        shots, delimiter = entry["num_fewshot"][0], entry.get("continuation_delimiter", " ")
     except (TypeError, KeyError, IndexError, ValueError) as e:
         raise common.UserError(f"{where}: missing or malformed {common.first_line(e)} (each task needs label, "
                                f"icl_task_type, dataset_uri and num_fewshot: [k])") from None
     if kind not in KINDS:
         raise common.UserError(f"{where}: icl_task_type {kind!r} is not one of {', '.join(KINDS)}")
+    # checked here, not where they are used: a negative k fails in random.sample while the prompts are built, a
+    # baseline of 100% divides by zero after all the scoring (and training loads its tasks here too)
+    if type(shots) is not int or shots < 0:  # type(): True is no number of examples
+        raise common.UserError(f"{where}: num_fewshot [{shots!r}] must hold a whole number of examples, 0 or more")
+    if not isinstance(uri, str) or not isinstance(delimiter, str):
+        raise common.UserError(f"{where}: dataset_uri and continuation_delimiter must be strings")
     if label not in baselines:
         raise common.UserError(f"{where}: no random baseline for it in eval_meta_data.csv")
+    baseline = percent(baselines[label])
+    if baseline is None:
+        raise common.UserError(f"{bundle_dir / 'eval_meta_data.csv'}, task {label}: random baseline "
+                               f"{baselines[label]!r} must be a percentage from 0 to below 100")
     rows = read_rows(bundle_dir / "eval_data" / uri, kind)
     random.Random(1337).shuffle(rows)  # in the published order, so that the first N are the same N everywhere
     rows = rows[:max_per_task] if max_per_task else rows
     if shots >= len(rows):
         raise common.UserError(f"{where}: {shots}-shot needs more than {len(rows)} rows" +
                                (": raise --max_per_task" if max_per_task else ""))
-    return Task(label, kind, shots, delimiter, baselines[label], rows)
+    return Task(label, kind, shots, delimiter, baseline, rows)
+
+
+def percent(text):
+    """A random baseline as a float in [0, 100), or None: centering divides by 100 minus it."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if 0 <= value < 100 else None  # (nan fails both comparisons)
 
 
 def read_rows(path, kind):
     if common.path_kind(path) != "a file":
         raise common.UserError(f"{path} is {common.what_is(path)}, not a task's jsonl file")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that a line that is not UTF-8 is named
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise common.UserError(f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                       f"fetch the eval bundle again") from None
             except json.JSONDecodeError as e:
                 raise common.UserError(f"{path}, line {lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
             if problem := row_problem(row, kind):
@@ -249,6 +281,7 @@ def score_batch(model, items, device, block_size):
     logits = hellaswag.logits_at(model, batch, which.to(device), where.to(device)).float()
     targets = batch[which.to(device), where.to(device) + 1]
     losses = F.cross_entropy(logits, targets, reduction="none").cpu()
+    hellaswag.check_finite(losses)  # a diverged model: refused, not scored by argmin over nan
     hits = (logits.argmax(dim=-1) == targets).cpu()
     mean = torch.zeros(len(rows)).index_add_(0, which, losses) / torch.bincount(which, minlength=len(rows))
     all_hit = torch.zeros(len(rows), dtype=torch.long).index_add_(0, which, (~hits).long()) == 0
@@ -310,11 +343,14 @@ def summarize(tasks, counts):
 # Command line
 
 def check_paths(args):
-    """-m and --json as hellaswag.py checks them, and --bundle_dir, in one line before any work."""
-    hellaswag.check_paths(argparse.Namespace(model=args.model, data_file=None, json=args.json))
+    """-m and --json as hellaswag.py checks them, and --bundle_dir, in one line before any work; --json may be
+    neither the model nor inside it or the bundle."""
     if args.bundle_dir and common.path_kind(args.bundle_dir) != "a directory":
         raise common.UserError(f"--bundle_dir {args.bundle_dir} is {common.what_is(args.bundle_dir)}, not the "
                                f"unzipped eval_bundle directory")
+    bundle = {"--bundle_dir": args.bundle_dir} if args.bundle_dir else {"the downloaded eval bundle": BUNDLE_DIR}
+    hellaswag.check_paths(argparse.Namespace(model=args.model, data_file=None, json=args.json),
+                          inputs={"-m": args.model, **bundle})
 
 
 def print_table(tasks, summary):

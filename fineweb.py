@@ -8,7 +8,9 @@ FineWeb-Edu -> GPT-2 token shards for train_gpt2.py (https://huggingface.co/data
 
 Writes {out}/{prefix}_{split}_{index:06d}.npy: numpy uint16 arrays of exactly --shard_size tokens (the last one
 may be shorter), shard 0 "val", the others "train", every document preceded by <|endoftext|>. The names and
-format are build-nanogpt's, so shards from either script work with either trainer.
+format are build-nanogpt's, so shards from either script work with either trainer. Shard 0 is filled first, so a
+corpus smaller than twice --shard_size would be validated on more than it is trained on: the run then ends with a
+warning naming the --shard_size to use instead (a tenth of the corpus's tokens; ~1 MB of text is ~250k tokens).
 Interrupted (crash, Ctrl-C, full disk)? Run the same command again: finished shards are kept and it picks up from
 there. One run at a time per --out (a second is refused); a finished shard later deleted or cut short is made again.
 """
@@ -31,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (SHARD_NAME, UserError, atomic_write, get_tokenizer, lock_directory, new_directories,
-                    remove_if_empty, shard_name)
+                    output_conflicts, remove_if_empty, shard_name)
 
 SAMPLE_10BT_TOKENS = 10**10  # sample-10BT is ~10B GPT-2 tokens: the progress bar's total, for an ETA
 # ~1 MB of text (~250k tokens) per worker task: big enough that sending it between processes costs little next to
@@ -330,7 +332,9 @@ def parse_args(argv):
     parser.add_argument("--text_field", default="text", help="the field (column) holding each document's text")
     parser.add_argument("--out", type=Path, help="output directory (default: edu_fineweb10B beside this script)")
     parser.add_argument("--prefix", default="edufineweb", help="shard names: {prefix}_{val|train}_{index:06d}.npy")
-    parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (10**8: 200 MB files)")
+    parser.add_argument("--shard_size", type=int, default=10**8,
+                        help="tokens per shard (10**8: 200 MB files); shard 0, val, is filled first: for a small "
+                        "corpus, about a tenth of its tokens (a warning at the end says so)")
     parser.add_argument("--workers", type=int, default=cores, help="tokenizer processes (default: all cores)")
     parser.add_argument("--benchmark", action="store_true", help="with --input: print our tokens/s and the ceiling")
     args = parser.parse_args(argv)
@@ -356,9 +360,17 @@ def parse_args(argv):
             problems.append(f"--input {path}: no such file")
         elif path.suffix not in (".txt", ".jsonl", ".parquet"):
             problems.append(f"--input {path}: unknown file type; use .txt (one document), .jsonl or .parquet")
+    if not problems:  # (an --input that is not a file has said so already)
+        problems += output_conflicts({"--out": out_dir(args)}, {"--input": args.input})
     if problems:
         raise UserError("; ".join(problems))
     return args
+
+
+def out_dir(args):
+    """--out, or by default edu_fineweb10B beside this script, where train_gpt2.py looks (a --out of the user's is
+    relative to the cwd)."""
+    return args.out or Path(__file__).resolve().parent / "edu_fineweb10B"
 
 
 def make_shards(pool, args, out, manifest):
@@ -391,9 +403,23 @@ def make_shards(pool, args, out, manifest):
     save_manifest(out, manifest)
 
 
+def split_warning(manifest):
+    """What to say when the val shard, filled first, holds more than half of a small corpus (None otherwise): the
+    shards are valid, but train_gpt2.py would train on less than it validates on, or on nothing. The total is
+    known only once everything is tokenized, so this comes at the end, with the --shard_size to run again with."""
+    tokens, val = manifest["tokens"], manifest["shards"][0]["tokens"]
+    if val <= tokens / 2:
+        return None
+    size = max(TRAINING_WINDOW, int(float(f"{tokens / 10:.2g}")))  # ~10% val, the rest train
+    fix = f"run again with --shard_size {size} and another --out"
+    if val == tokens:  # valid, but train_gpt2.py has nothing to train on
+        return f"only the val shard ({tokens:,} tokens), and train_gpt2.py needs a train shard too: {fix}"
+    return (f"the val shard (shard 0, filled first) holds {val:,} of the corpus's {tokens:,} tokens "
+            f"({val / tokens:.0%}), leaving {tokens - val:,} to train on: {fix}")
+
+
 def make_dataset(args):
-    # the default lands beside this script, where train_gpt2.py looks; a --out of the user's is relative to the cwd
-    out = args.out or Path(__file__).resolve().parent / "edu_fineweb10B"
+    out = out_dir(args)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another --out")
     config = run_config(args)
@@ -424,10 +450,8 @@ def make_dataset(args):
                                 f"continue") from None
             print(f"wrote {len(shards)} shards ({manifest['tokens']:,} tokens, {manifest['documents']:,} documents) "
                   f"to {out}")
-        if len(shards) == 1:  # valid, but train_gpt2.py has nothing to train on: say so now, and what to run instead
-            size = max(TRAINING_WINDOW, int(float(f"{manifest['tokens'] / 10:.2g}")))  # ~10% val, the rest train
-            print(f"fineweb.py: warning: only the val shard ({manifest['tokens']:,} tokens), and train_gpt2.py needs a "
-                  f"train shard too: run again with --shard_size {size} and another --out", file=sys.stderr)
+        if warning := split_warning(manifest):
+            print(f"fineweb.py: warning: {warning}", file=sys.stderr)
     except BaseException:
         if not manifest["shards"]:  # nothing to resume from
             for path in ours:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import tempfile
+import zipfile
 from itertools import islice
 from pathlib import Path
 
@@ -51,12 +52,15 @@ def example_problem(example):
     """What keeps an example from being scored, or None: it needs a context, 4 endings and a label 0-3."""
     if not isinstance(example, dict):
         return f"expected a JSON object, got {type(example).__name__}"
-    if not isinstance(example.get("ctx"), str) or not example["ctx"]:
+    if not isinstance(example.get("ctx"), str) or not example["ctx"].strip():
         return "'ctx' must be a non-empty string"
     endings = example.get("endings")
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         n = len(endings) if isinstance(endings, list) else "no"
         return f"'endings' must be a list of 4 strings, got {n} endings"
+    # an empty ending scores the lone space before it: one cheap token, the lowest summed loss nearly always
+    if blank := [i for i, e in enumerate(endings) if not e.strip()]:
+        return f"'endings' must be 4 non-empty strings, ending {blank[0]} is {endings[blank[0]]!r}"
     label = example.get("label")
     if type(label) is not int or not 0 <= label <= 3:  # type(): True is an int but not a label
         return f"'label' must be 0, 1, 2 or 3, got {label!r}"
@@ -234,6 +238,15 @@ def score_batch(model, batch, device):
     return per_token.sum(dim=1).view(-1, 4), mask[:, 1:].sum(dim=1).view(-1, 4)
 
 
+def check_finite(losses):
+    """UserError if a loss is nan or inf: a diverged model, whose argmin would pick an ending at random (the first),
+    and whose score would look like a weak model's. core.py checks its losses here too."""
+    if not torch.isfinite(losses).all():
+        kind = "nan" if losses.isnan().any() else "inf"
+        raise common.UserError(f"the model's losses are not finite ({kind}): it diverged; score an earlier "
+                               f"checkpoint")
+
+
 @torch.no_grad()
 def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=False, stop=None):
     """Score example dicts, or tuples from render_example, -> dict(n, correct, correct_norm, acc, acc_norm).
@@ -243,6 +256,7 @@ def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=F
     log's score is the one the model computes in training. The counts are exact integers, for
     all_reduce across ranks. stop: a callable; when it returns True the scoring ends early (training uses it to
     save a checkpoint in time when the machine is being reclaimed) and the counts cover the examples scored.
+    A nan or inf loss (a diverged model) raises a UserError instead of a score (check_finite).
     """
     rendered = [ex if isinstance(ex, tuple) else render_example(ex) for ex in examples]
     check_fits(model, rendered)
@@ -253,20 +267,23 @@ def evaluate(model, examples, device, batch_size=16, dtype="float32", progress=F
     was_training = model.training
     model.eval()
     n = correct = correct_norm = 0
-    with tqdm(total=len(rendered), unit="ex", disable=not progress) as bar:
-        for start in range(0, len(rendered), batch_size):
-            if stop is not None and stop():
-                break
-            batch = rendered[start:start + batch_size]
-            with common.autocast(device_type, dtype):
-                sum_loss, n_tokens = score_batch(model, batch, device)
-            labels = torch.tensor([label for _, _, _, label in batch], device=sum_loss.device)
-            # argmin takes the first of equal losses, as build-nanogpt's per-example argmin does
-            correct += (sum_loss.argmin(dim=1) == labels).sum().item()
-            correct_norm += ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item()
-            n += len(batch)
-            bar.update(len(batch))
-    model.train(was_training)
+    try:  # (a refused model goes back to the mode it came in, as after a finished scoring)
+        with tqdm(total=len(rendered), unit="ex", disable=not progress) as bar:
+            for start in range(0, len(rendered), batch_size):
+                if stop is not None and stop():
+                    break
+                batch = rendered[start:start + batch_size]
+                with common.autocast(device_type, dtype):
+                    sum_loss, n_tokens = score_batch(model, batch, device)
+                check_finite(sum_loss)
+                labels = torch.tensor([label for _, _, _, label in batch], device=sum_loss.device)
+                # argmin takes the first of equal losses, as build-nanogpt's per-example argmin does
+                correct += (sum_loss.argmin(dim=1) == labels).sum().item()
+                correct_norm += ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item()
+                n += len(batch)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
     return {"n": n, "correct": correct, "correct_norm": correct_norm,
             "acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1)}
 
@@ -299,9 +316,11 @@ def json_problem(path):
     return None
 
 
-def check_paths(args):
+def check_paths(args, inputs=None):
     """One UserError naming every problem of -m, --data_file and --json, before the download, the model load and
-    the scoring. An OSError (a name over 255 bytes, a file used as a folder, no permission) is a problem too."""
+    the scoring. An OSError (a name over 255 bytes, a file used as a folder, no permission) is a problem too.
+    inputs: {flag: path} of what the program reads, none of which --json may overwrite or land in (default
+    hellaswag.py's: -m, and --data_file or the downloaded split)."""
     checks = {"-m": (args.model, model_problem), "--data_file": (args.data_file, data_file_problem),
               "--json": (args.json, json_problem)}
     problems = []
@@ -316,6 +335,11 @@ def check_paths(args):
             problems.append(f"{flag} {path}: {problem}")
     if problems:
         raise common.UserError("; ".join(problems))
+    if inputs is None:
+        data = {"--data_file": args.data_file} if args.data_file else {
+            "the downloaded split": DATA_DIR / f"hellaswag_{args.split}.jsonl"}
+        inputs = {"-m": args.model, **data}
+    common.check_outputs({"--json": args.json}, inputs)
 
 
 def load_model(name):
@@ -331,6 +355,10 @@ def load_model(name):
     import train_gpt2
 
     if Path(name).is_file():
+        # torch.save writes a zip. Anything else would reach torch.load's unpickler, whose refusal recommends
+        # weights_only=False: unsafe advice for a file from elsewhere, and useless for one that is not a checkpoint
+        if not zipfile.is_zipfile(name):
+            raise common.UserError(f"{name} is not a readable checkpoint of train_gpt2.py (not a torch.save file)")
         try:
             return train_gpt2.GPT.from_checkpoint(name)  # its UserErrors name the file and the fault: let through
         except (LookupError, TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError) as e:
@@ -338,13 +366,18 @@ def load_model(name):
             # config that GPT's own asserts refuse (n_embd % n_head), ... (KeyError and IndexError: LookupErrors)
             reason = common.first_line(e)
             raise common.UserError(f"{name} is not a checkpoint of train_gpt2.py ({reason})") from None
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported only when needed
+    # heavy: imported only when needed
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         if name in GPT2_NAMES or not huggingface.hf_differences(AutoConfig.from_pretrained(name)):
             return train_gpt2.GPT.from_pretrained(name)
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)  # autocast decides the compute
-    except (OSError, ValueError, KeyError) as e:  # offline, no config.json, an architecture transformers lacks
+    # offline, no config.json, an architecture transformers lacks; a config field of the wrong type (the hub's
+    # dataclass check), a damaged model.safetensors: neither is an OSError or a ValueError
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError, SafetensorError) as e:
         reason = common.first_line(e)
         raise common.UserError(f"could not load the Hugging Face model {name} ({reason})") from None
 

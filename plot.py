@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import GPT2_124M_CORE, UserError, atomic_write
+from common import GPT2_124M_CORE, UserError, atomic_write, check_outputs
 
 # The record kinds we plot (others: lr, norm, sample, ... are skipped) -> (file, what it shows, name in messages)
 METRICS = {"train": ("train_loss.png", "train loss", "train loss"),
@@ -258,6 +258,10 @@ def main(argv=None):
 
 
 def plot_logs(args):
+    out = Path(args.out or Path(args.logs[0]).parent)  # beside the (first) log: never over the committed results/
+    # a PNG written over a log (one named train_loss.png, or a link to it) would destroy the run's only record
+    check_outputs({"the PNG": [out / name for name, _, _ in METRICS.values()]}, {"the log": args.logs},
+                  fix="choose another --out")
     logs = [parse_log(p) for p in args.logs]  # parse everything first: a bad file fails before any plotting
     labels = args.labels or [Path(p).resolve().parent.name for p in args.logs]  # log_moliere/log.txt -> log_moliere
     if len(set(labels)) < len(labels):  # two runs both in a dir called log/: the full dir tells them apart
@@ -270,7 +274,6 @@ def plot_logs(args):
     matplotlib.use("Agg")  # headless: no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
-    out = Path(args.out or Path(args.logs[0]).parent)  # beside the (first) log: never over the committed results/
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -192,6 +192,36 @@ def test_a_corpus_smaller_than_one_shard_warns_and_suggests_a_shard_size(tmp_pat
     assert [split for split, _ in common.list_shards(tmp_path / "out2")] == ["val"] + ["train"] * 9
 
 
+def test_a_corpus_mostly_in_the_val_shard_warns(tmp_path, capsys):
+    """~1 MB of text with --shard_size 200000 put 75% of its tokens in val, without a word: the val shard is filled
+    first. More than half in val gets the warning and the --shard_size that leaves ~90% to train on."""
+    path = write_documents(tmp_path / "docs.jsonl", ["hello world"] * 5000)  # 15,000 tokens
+    capsys.readouterr()
+    run([path], tmp_path / "out", shard_size=10000)
+    assert [np.load(tmp_path / "out" / name).size for name in shard_files(tmp_path / "out")] == [10000, 5000]
+    warning = ("fineweb.py: warning: the val shard (shard 0, filled first) holds 10,000 of the corpus's 15,000 tokens "
+               "(67%), leaving 5,000 to train on: run again with --shard_size 1500 and another --out")
+    assert capsys.readouterr().err.splitlines()[-1] == warning
+    run([path], tmp_path / "out", shard_size=10000)  # complete: said again
+    assert capsys.readouterr().err.splitlines() == [warning]
+    run([path], tmp_path / "half", shard_size=7500)  # half in val, half to train: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_an_input_inside_out_is_refused_before_any_work(tmp_path, capsys):
+    """--out is fineweb.py's: its messages say to delete it to start over; an input in it would go with it."""
+    (tmp_path / "out").mkdir()
+    path = write_documents(tmp_path / "out" / "docs.jsonl", ["hello world"] * 500)
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    for out in (tmp_path / "out", tmp_path / "link", tmp_path):
+        message = error_of(capsys, ["--input", path, "--out", str(out), "--shard_size", "100", "--workers", "1"])
+        assert message == (f"fineweb.py: error: --input {path} is inside --out {out}, which this program writes "
+                           f"into; choose another --out")
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["docs.jsonl"]  # no lock, manifest, shard
+    message = error_of(capsys, ["--input", path, "--out", path, "--workers", "1"])  # the file itself as --out
+    assert f"--out {path} is the same file as --input {path}" in message
+
+
 def interrupt_after(monkeypatch, n_shards):
     """Makes the next run stop like Ctrl-C right after its n-th finished shard."""
     finish_shard = fineweb.finish_shard

@@ -354,3 +354,24 @@ def test_missing_file_and_empty_log_are_one_line_errors(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"plot.py: error: no train/val/hella/core records in {empty}\n"
     assert not (tmp_path / "out").exists()  # failed before writing anything
+
+
+@pytest.mark.parametrize("where", ["beside", "--out", "./ form", "link"])
+def test_a_png_never_overwrites_a_log(tmp_path, capsys, where):
+    """A log named like one of the PNGs, in the directory they go to: plotted, it was replaced by its own plot (the
+    run's only record). Refused before any parsing or drawing, the log as it was."""
+    log = write(tmp_path / "run" / "val_loss.png", SYNTHETIC)
+    args = {"beside": [str(log)], "--out": [str(log), "--out", str(tmp_path / "run")],
+            "./ form": [str(log), "--out", str(tmp_path / "run" / "." / "sub" / "..")],
+            "link": [str(log), "--out", str(tmp_path / "link")]}[where]
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        plot.main(args)
+    err = capsys.readouterr().err
+    out = {"beside": tmp_path / "run", "--out": tmp_path / "run", "./ form": tmp_path / "run" / "." / "sub" / "..",
+           "link": tmp_path / "link"}[where]
+    assert err == (f"plot.py: error: the PNG {out / 'val_loss.png'} is the same file as the log {log}: writing it "
+                   f"would destroy that input; choose another --out\n")
+    assert log.read_text() == SYNTHETIC and sorted(p.name for p in log.parent.iterdir()) == ["val_loss.png"]
+    plot.main([str(log), "--out", str(tmp_path / "figs")])  # elsewhere: plotted
+    assert (tmp_path / "figs" / "val_loss.png").read_bytes().startswith(b"\x89PNG") and log.read_text() == SYNTHETIC
