@@ -35,7 +35,7 @@ import hellaswag
 from checkpoints import (check_resume_flags, checkpoint_identity, checkpoint_step, find_resume_checkpoint, git_commit,
                          list_checkpoints, load_checkpoint, save_checkpoint)
 from common import (UserError, all_reduce, atomic_write, autocast, download_moliere, first_line, lock_directory,
-                    path_kind, print0, what_is)
+                    output_conflicts, path_kind, print0, what_is)
 from huggingface import HF_RECIPES, model_type_of
 
 HERE = Path(__file__).resolve().parent  # train_gpt2.py's directory: default data and downloads live there
@@ -210,6 +210,12 @@ def check_flags(cfg, world, start, shape, lr):
     if cfg.core_every > 0 and cfg.core_bundle and what_is(cfg.core_bundle) != "a directory":
         problems.append(f"--core_bundle {cfg.core_bundle} is {what_is(cfg.core_bundle)}, not an unzipped eval_bundle "
                         f"directory")
+    if cfg.sample is None:  # what the run writes never lands on or among what it reads (its checkpoints: settle)
+        init_from = cfg.init_from if start.resumed_from is None and Path(cfg.init_from).exists() else None
+        written = [Path(cfg.log_dir) / name for name in ("log.txt", "log.prev.txt", "wandb_id.txt", "wandb", ".lock")]
+        problems += output_conflicts({"--log_dir": written}, {
+            "--data": resolve_path(cfg.data), "--init_from": init_from, "--hellaswag_data": cfg.hellaswag_data,
+            "--core_bundle": cfg.core_bundle}, fix="choose another --log_dir")
     if world.device_type == "mps" and cfg.dtype == "bfloat16":
         problems.append("--dtype bfloat16 is not supported on MPS: use float32")
     if cfg.wandb is not None and not cfg.wandb.strip():
@@ -671,9 +677,9 @@ def check_epochs(cfg, start, train_loader):
     epochs = (cfg.max_steps - start.step) * cfg.total_batch_size / epoch
     if epochs > MAX_EPOCHS and cfg.sample is None:
         raise UserError(f"--data {cfg.data} holds {epoch:,} training tokens: {cfg.max_steps - start.step:,} steps of "
-                        f"{cfg.total_batch_size:,} tokens would read them {epochs:,.0f} times. For a small corpus start "
-                        f"from the quick start's sizes (--preset moliere --data {cfg.data}), or lower --max_steps or "
-                        f"--total_batch_size")
+                        f"{cfg.total_batch_size:,} tokens would read them {epochs:,.0f} times. For a small corpus "
+                        f"start from the quick start's sizes (--preset moliere --data {cfg.data}), or lower "
+                        f"--max_steps or --total_batch_size")
 
 # -----------------------------------------------------------------------------
 # The evaluations' data, loaded and checked before any work

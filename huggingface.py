@@ -67,7 +67,8 @@ def hf_differences(config):
 
 def shape_of(hf_config, name):
     """train_gpt2.GPTConfig's fields (a dict) of a transformers GPT2Config or NanoChatConfig, the same shape under
-    Hugging Face's names; refused in one line when it is a model that ours would load and compute another function of."""
+    Hugging Face's names; refused in one line when it is a model that ours would load and compute another function
+    of."""
     c = hf_config
     if different := hf_differences(c):
         kind = "model" if different == ["model_type"] else f"{c.model_type} variant"

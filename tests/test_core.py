@@ -227,7 +227,8 @@ def test_the_download_is_all_or_nothing(bundle, tmp_path, monkeypatch):
         core.download(tmp_path / "other" / "eval_bundle")
     message = str(info.value)
     zip_path = tmp_path / "other" / "eval_bundle.zip"
-    assert f"curl -L -o {zip_path} {core.URL}" in message and f"unzip {zip_path} -d {tmp_path / 'other'}" in message
+    assert f"curl -L --create-dirs -o {zip_path} {core.URL}" in message
+    assert f"unzip {zip_path} -d {tmp_path / 'other'}" in message
     assert "\n" not in message and not (tmp_path / "other").exists()  # nothing left behind, not even the folder
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     monkeypatch.setattr(core, "URL", (tmp_path / "bad.zip").as_uri())

@@ -338,3 +338,14 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_not_exported_with_it(tmp_pat
     with pytest.raises(common.UserError, match="vocabulary has 1000 ids, fewer than GPT-2's tokenizer's 50,257"):
         small_model(vocab_size=1000).save_pretrained(tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_run_writes_never_lands_on_what_it_reads(tmp_path, capsys):
+    """--data log/log.txt: a fresh run renamed the data to log.prev.txt, a resume appended its records to it."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    text = "A corpus that happens to be called log.txt. " * 300
+    (log_dir / "log.txt").write_text(text)
+    message = error_of(capsys, *TINY, "--data", str(log_dir / "log.txt"), "--log_dir", str(log_dir))
+    assert f"--log_dir {log_dir / 'log.txt'} is the same file as --data {log_dir / 'log.txt'}" in message
+    assert "choose another --log_dir" in message and (log_dir / "log.txt").read_text() == text

@@ -47,7 +47,8 @@ def test_every_train_command_of_the_readme_parses():
     assert len(train_commands) >= 10
     for argv in train_commands:
         if "--help" not in argv:
-            bookkeeping.parse_args(train_gpt2.TrainConfig, train_gpt2.PRESETS, argv[2:])  # an unknown or malformed flag exits here
+            # an unknown or malformed flag exits here
+            bookkeeping.parse_args(train_gpt2.TrainConfig, train_gpt2.PRESETS, argv[2:])
 
 
 @pytest.mark.slow

@@ -289,7 +289,8 @@ def test_a_file_that_is_not_a_torch_save_file(tmp_path, capsys, content):
     path = tmp_path / "garbage.bin"
     path.write_bytes(content)
     data = write_examples(tmp_path / "hs.jsonl", make_examples())
-    expected = f"{path} is not a readable checkpoint of train_gpt2.py (not a torch.save file)"
+    expected = (f"{path} is not a readable checkpoint (not a complete torch.save file: a torn write, or another kind "
+                f"of file)")
     with pytest.raises(SystemExit) as run:
         hellaswag.main(["-m", str(path), "--data_file", str(data), "-d", "cpu"])
     assert one_line_error(run, "hellaswag.py") == f"hellaswag.py: error: {expected}"
@@ -302,7 +303,6 @@ class Pickled:
     """Not a tensor nor a container: torch.load(weights_only=True) refuses it, and says it could run its code."""
 
 
-@pytest.mark.xfail(strict=True, reason="needs checkpoints.load_checkpoint to word torch's weights_only refusal")
 def test_a_torch_save_file_of_other_objects_never_advises_weights_only_false(tmp_path):
     path = tmp_path / "objects.pt"
     torch.save({"model": Pickled(), "config": {}, "step": 0}, path)
@@ -336,5 +336,5 @@ def test_a_damaged_model_directory_is_one_line(tmp_path, damage, message, ours):
     with pytest.raises(SystemExit) as run:
         hellaswag.main(["-m", str(tmp_path / "hf"), "--data_file", str(data), "-d", "cpu"])
     error = one_line_error(run, "hellaswag.py")
-    assert error.startswith(f"hellaswag.py: error: could not load the Hugging Face model {tmp_path / 'hf'} (")
+    assert error.startswith("hellaswag.py: error: could not load ") and str(tmp_path / "hf") in error
     assert message in error

@@ -343,7 +343,7 @@ def test_a_failed_download_says_how_to_fetch_and_check_by_hand_in_two_runnable_c
     commands = re.findall(r"`([^`]+)`", str(info.value))
     assert len(commands) == 2, str(info.value)
     fetch, check = commands
-    assert shlex.split(fetch) == ["curl", "-L", "-o", str(target), (tmp_path / "missing.txt").as_uri()]
+    assert shlex.split(fetch) == ["curl", "-L", "--create-dirs", "-o", str(target), (tmp_path / "missing.txt").as_uri()]
     target.parent.mkdir()
     target.write_bytes(SHARED_MOLIERE.read_bytes())  # as curl would have fetched it
     assert subprocess.run(["bash", "-c", check], capture_output=True).returncode == 0
