@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import bookkeeping
 import common
+import memory
 import train_gpt2
 from train_gpt2 import GPTConfig
 
@@ -87,7 +88,7 @@ def guarded(row, metric, measure):
     try:
         row = {**row, **measure()}
     except RuntimeError as e:
-        if bookkeeping.is_out_of_memory(e):
+        if memory.is_out_of_memory(e):
             row = {**row, metric: "OOM"}
         elif no_attention_kernel(e):
             row = {**row, metric: None, "error": f"attention backend unavailable here: {no_attention_kernel(e)}"}

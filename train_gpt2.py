@@ -10,9 +10,9 @@ Sections, in reading order: the model (exactly Hugging Face's GPT-2), what chang
 the same file's faster recipe, as a diff against the model), the data loader, the learning-rate schedule,
 distributed set-up, evaluations, the hyperparameter table, then the training step and loop, train() and main. The
 appendix at the end measures speed. The operations the loop calls live beside this file: bookkeeping.py (the command
-line, flags checked before any work, resume, log.txt, locks, signals, a batch that fits the GPU), checkpoints.py (what
-a checkpoint holds), huggingface.py (both recipes' Hugging Face mappings and exports), cpu_loss.py (a faster loss for
-CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
+line, flags checked before any work, resume, log.txt, locks, signals), memory.py (what fits in memory, and the -B
+search), checkpoints.py (what a checkpoint holds), huggingface.py (both recipes' Hugging Face mappings and exports),
+cpu_loss.py (a faster loss for CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
 """
 
 import contextlib
@@ -34,6 +34,7 @@ import core
 import cpu_loss
 import hellaswag
 import huggingface
+import memory
 from bookkeeping import COMMAND, MACHINE, MATH, RUN
 from checkpoints import load_checkpoint, restore_checkpoint
 from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, UserError, all_reduce, autocast, check_tokens, first_line,
@@ -781,7 +782,7 @@ def train(cfg, world, given=()):
     cfg, start, checkpoint = bookkeeping.settle(cfg, given, world)  # a new cfg: what a resume takes from its checkpoint
     config = planned_config(cfg, checkpoint)  # the model's shape, before any weights are built
     bookkeeping.check_flags(cfg, world, start, config, lr_multiplier(cfg))
-    bookkeeping.check_memory(RECIPES[cfg.recipe], config, cfg, world)  # a model too big is one line, not a traceback
+    memory.check_memory(RECIPES[cfg.recipe], config, cfg, world)  # a model too big is one line, not a traceback
     dtype = resolve_dtype(cfg.dtype, world.device_type)
     raw_model = create_model(cfg, config, checkpoint, start).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
@@ -796,8 +797,8 @@ def train(cfg, world, given=()):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
             gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
-    if "micro_batch_size" not in given and bookkeeping.out_of_memory_is_an_error(world):
-        B = bookkeeping.fit_micro_batch(model, cfg.micro_batch_size, cfg.seq_len, world, dtype)  # B, B/2, ...
+    if "micro_batch_size" not in given and memory.out_of_memory_is_an_error(world):
+        B = memory.fit_micro_batch(model, cfg.micro_batch_size, cfg.seq_len, world, dtype)  # B, B/2, ...
         cfg = dataclasses.replace(cfg, micro_batch_size=B)  # the largest that fits every GPU
     # data: every rank reads its own share of one global order of windows, B sequences of T tokens at a time
     data, B, T, W = bookkeeping.fetch_data(cfg, world), cfg.micro_batch_size, cfg.seq_len, world.world_size

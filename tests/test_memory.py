@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY, read_log
 
-import bookkeeping
+import memory
 import train_gpt2
 
 WITHOUT_B = TINY[:TINY.index("-B")] + TINY[TINY.index("-B") + 2:]
@@ -22,7 +22,7 @@ def out_of_memory_above(monkeypatch, B_max):
         return real_forward(self, idx, targets)
 
     monkeypatch.setattr(train_gpt2.GPT, "forward", forward)
-    monkeypatch.setattr(bookkeeping, "out_of_memory_is_an_error", lambda world: True)  # as on CUDA
+    monkeypatch.setattr(memory, "out_of_memory_is_an_error", lambda world: True)  # as on CUDA
     return seen
 
 
@@ -61,9 +61,9 @@ def test_the_ranks_agree_on_the_smallest_batch_that_fits_on_all_of_them(monkeypa
         assert op == torch.distributed.ReduceOp.MIN
         tensor.fill_(min(int(tensor.item()), int(tried[-1] <= 2)))
 
-    monkeypatch.setattr(bookkeeping, "fits_in_memory", fits)
+    monkeypatch.setattr(memory, "fits_in_memory", fits)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce_min_with_rank_1)
-    assert bookkeeping.fit_micro_batch(None, 16, 1024, world, "bfloat16") == 2
+    assert memory.fit_micro_batch(None, 16, 1024, world, "bfloat16") == 2
     assert tried == [16, 8, 4, 2] and "-B 2: the largest micro-batch" in capsys.readouterr().out
 
 
@@ -114,7 +114,7 @@ def test_a_compiler_failure_while_searching_is_one_line(shards, tmp_path, monkey
         raise TritonMissing("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(train_gpt2.GPT, "forward", forward)
-    monkeypatch.setattr(bookkeeping, "out_of_memory_is_an_error", lambda world: True)
+    monkeypatch.setattr(memory, "out_of_memory_is_an_error", lambda world: True)
     with pytest.raises(SystemExit):
         train_gpt2.main(WITHOUT_B + ["--data", str(shards), "--log_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
