@@ -1,6 +1,7 @@
 """
 What a training run keeps in memory, for train_gpt2.py: the memory check before any work (a model too big for the
-machine is one line naming the flag) and the -B search (the largest micro-batch that fits the GPU).
+machine is one line naming the flag) and the -B search (the largest micro-batch that fits the GPU beside the
+optimizer's state, which the first update allocates, and an evaluation).
 
 Importing this file does nothing; this module imports nothing of train_gpt2.py.
 """
@@ -13,6 +14,8 @@ import torch
 
 from common import UserError, all_reduce, autocast, print0
 
+# the optimizer's state per parameter, in float32 numbers: AdamW's two moments, Muon's (and SGD's) momentum
+STATE_FLOATS = {"AdamW": 2, "Adam": 2, "Muon": 1, "SGD": 1}
 
 # -----------------------------------------------------------------------------
 # Before any work: a model too big for the machine
@@ -72,35 +75,62 @@ def out_of_memory_is_an_error(world):
     return world.device_type == "cuda"
 
 
-def fit_micro_batch(model, B, T, world, dtype):
-    """The largest of B, B/2, B/4, ... whose forward and backward pass fit in memory on every rank. The total batch
-    stays the same (more accumulation steps), so the run computes the same updates at any B. Each try is one
-    micro-step on a batch of zeros (no random numbers drawn, no gradient all-reduce); the ranks then agree on the
-    smallest B that fits on all of them."""
+def fit_micro_batch(model, raw_model, optimizers, B, T, world, dtype):
+    """The largest of B, B/2, B/4, ... with which a micro-step and then an evaluation fit in memory on every rank,
+    beside the optimizers' state (which the first update allocates: AdamW's 8 bytes per parameter, 1 GB at 124M).
+    The total batch stays the same (more accumulation steps), so the run computes the same updates at any B. Each
+    try is one micro-step on a batch of zeros (no random numbers drawn, no gradient all-reduce); the ranks then agree
+    on the smallest B that fits on all of them. Under torch.compile each B tried is compiled once, and the one chosen
+    is the graph the training steps use."""
+    reserve = optimizer_state_bytes(optimizers)
     tried = []
     while True:
-        if all_reduce(int(fits_in_memory(model, B, T, world, dtype)), world, "min"):
+        if all_reduce(int(fits_in_memory(model, raw_model, B, T, world, dtype, reserve)), world, "min"):
             break
         tried.append(B)
         if B == 1:
-            raise UserError(f"even -B 1 (one sequence of {T} tokens) does not fit in GPU memory: use a smaller "
-                            f"model or a smaller -T")
+            raise UserError(f"even -B 1 (one sequence of {T} tokens) does not fit in GPU memory beside the "
+                            f"optimizer's {reserve / 1e9:.1f} GB: use a smaller model or a smaller -T")
+        torch._dynamo.reset()  # the next B compiles afresh for its own shape (not a graph dynamic in B)
         B //= 2
     if tried:
-        torch._dynamo.reset()  # torch.compile: compile again for the chosen shape, not for shapes dynamic over tries
         print0(f"-B {B}: the largest micro-batch that fits in GPU memory (-B {', '.join(map(str, tried))} ran out)")
     return B
 
 
-def fits_in_memory(model, B, T, world, dtype):
-    from bookkeeping import compile_failed  # (bookkeeping.py imports this module)
+def optimizer_state_bytes(optimizers):
+    """Bytes of state the optimizers will allocate on this rank at their first step and have not yet: each one's
+    float32 numbers per parameter (STATE_FLOATS)."""
+    return sum(4 * STATE_FLOATS.get(type(o).__name__, 2) * p.numel()
+               for o in optimizers for g in o.param_groups for p in g["params"] if not o.state.get(p))
 
-    x = torch.zeros((B, T), dtype=torch.long, device=world.device)
+
+@contextlib.contextmanager
+def set_aside(nbytes, device):
+    """nbytes of device memory held for the duration: room a try must leave free."""
+    held = torch.empty(nbytes, dtype=torch.uint8, device=device)
     try:
-        with model.no_sync() if world.world_size > 1 else contextlib.nullcontext():
-            with autocast(world.device_type, dtype):
-                _, loss = model(x, x)
-            loss.backward()
+        yield
+    finally:
+        del held
+
+
+def fits_in_memory(model, raw_model, B, T, world, dtype, reserve=0):
+    """Whether a forward and backward pass of B sequences, then an evaluation batch with the gradients still held (as
+    at the start of a step), fit beside `reserve` bytes set aside."""
+    from bookkeeping import compile_failed  # (imported here: bookkeeping.py imports this module)
+
+    # input and target: two tensors, typed and shaped as the training step's. The same tensor twice would make
+    # torch.compile guard on the two being one, and compile again at the first real step (a minute at 124M)
+    x = torch.zeros((B, T), dtype=torch.long, device=world.device)
+    y = torch.zeros((B, T), dtype=torch.long, device=world.device)
+    try:
+        with set_aside(reserve, world.device):
+            with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():  # DDP: no all-reduce
+                with autocast(world.device_type, dtype):
+                    _, loss = model(x, y)
+                loss.backward()
+            evaluation_batch(raw_model, B, world, dtype)
         return True
     except Exception as e:  # noqa: BLE001 -- out of memory, or the compiler's failure (the first try compiles)
         if not is_out_of_memory(e):
@@ -110,3 +140,13 @@ def fits_in_memory(model, B, T, world, dtype):
         model.zero_grad(set_to_none=True)
         if world.device_type == "cuda":
             torch.cuda.empty_cache()
+
+
+def evaluation_batch(raw_model, B, world, dtype):
+    """A forward pass as large as the evaluations' (HellaSwag and CORE score max(1, B // 4) examples per pass, up to
+    4 rows each, up to block_size tokens, with an attention mask), without gradients, on the model they use."""
+    rows, L = 4 * max(1, B // 4), raw_model.config.block_size
+    idx = torch.zeros((rows, L), dtype=torch.long, device=world.device)
+    mask = torch.ones((rows, 1, L, L), dtype=torch.bool, device=world.device).tril()  # as the scorers make theirs
+    with torch.no_grad(), autocast(world.device_type, dtype):
+        raw_model.lm_head(raw_model.hidden_states(idx, attn_mask=mask)[:, -1])

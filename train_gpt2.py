@@ -797,8 +797,8 @@ def train(cfg, world, given=()):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
             gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
-    if "micro_batch_size" not in given and memory.out_of_memory_is_an_error(world):
-        B = memory.fit_micro_batch(model, cfg.micro_batch_size, cfg.seq_len, world, dtype)  # B, B/2, ...
+    if "micro_batch_size" not in given and memory.out_of_memory_is_an_error(world):  # the largest B, B/2, ... that fits
+        B = memory.fit_micro_batch(model, raw_model, optimizers, cfg.micro_batch_size, cfg.seq_len, world, dtype)
         cfg = dataclasses.replace(cfg, micro_batch_size=B)  # the largest that fits every GPU
     # data: every rank reads its own share of one global order of windows, B sequences of T tokens at a time
     data, B, T, W = bookkeeping.fetch_data(cfg, world), cfg.micro_batch_size, cfg.seq_len, world.world_size
