@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import memory
 from common import UserError, atomic_write, first_line, print0
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pt$")
@@ -95,8 +96,8 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, val_loss
     ranks = gather_objects({"loader": train_loader.state_dict(), "rng": rng_state(world)}, world)
     path = Path(log_dir) / f"model_{step:05d}.pt"
     failed = None
+    model_state, optimizer_state = memory.full_state(raw_model, optimizers)  # every rank: --fsdp gathers
     if world.is_master:
-        model_state, optimizer_state = raw_model.state_dict(), [o.state_dict() for o in optimizers]
         if bad := non_finite({"model": model_state, "optimizer": optimizer_state}):
             # a run resumed from such a file would only train nan further: the earlier checkpoints are worth more
             failed = UserError(f"not saving step {step}: {', '.join(bad[:3])} hold nan or inf. Earlier checkpoints "
@@ -190,7 +191,7 @@ def find_resume_checkpoint(log_dir, resume):
 def restore_checkpoint(checkpoint, optimizers, train_loader, world):
     """Optimizer moments, the data position and this rank's random generators, as the checkpoint left them."""
     for optimizer, state in zip(optimizers, checkpoint["optimizer"]):
-        optimizer.load_state_dict(state)
+        memory.load_optimizer_state(optimizer, state)  # optimizer.load_state_dict, sharded under --fsdp
         for group in optimizer.param_groups:  # fused AdamW is for CUDA: set it for this device, not the saved one
             if "fused" in group:
                 group["fused"] = world.device_type == "cuda"
