@@ -21,6 +21,14 @@ Sections:
   core       items/s of core.py's scorer (the options of several items as rows of one forward) against one
              sequence per forward with full logits (nanochat's loop), on the same items: the accuracies must agree
   tokenize   fineweb.py's end-to-end tokens/s against tiktoken's single-core rate x the cores
+  memory     what each memory mode keeps (the gpt2 recipe, AdamW). Per rank, the bytes of parameters, gradients and
+             optimizer state after one update under DDP and under --fsdp on --ranks ranks (gloo on a CPU, nccl on
+             GPUs; counted from the tensors each rank holds); and the peak memory of one B x T micro-step (forward and
+             backward, the gradients already allocated) with and without --activation_checkpointing, with its time (and
+             on a CPU the process's CPU seconds, which other work on a shared machine disturbs less than the wall).
+             Each micro-step row runs in a fresh process: on CUDA the allocator's peak, elsewhere the rise of the
+             process's peak RSS (Linux VmHWM, reset before the step; glibc told to return freed blocks of 64 KB and
+             more to the system at once, so that RSS follows the live tensors).
 
 Defaults: on CUDA, GPT-2 124M (12 layers, 768 wide) at B=64, T=1024, and a real step of 2**19 tokens (8
 micro-steps), as train_gpt2.py trains it; elsewhere a 4-layer, 256-wide GPT at B=8, T=256, and a real step of 4
@@ -50,6 +58,7 @@ import torch.nn.functional as F
 
 import bookkeeping
 import common
+import memory
 import train_gpt2
 from train_gpt2 import GPTConfig
 
@@ -87,7 +96,7 @@ def guarded(row, metric, measure):
     try:
         row = {**row, **measure()}
     except RuntimeError as e:
-        if bookkeeping.is_out_of_memory(e):
+        if memory.is_out_of_memory(e):
             row = {**row, metric: "OOM"}
         elif no_attention_kernel(e):
             row = {**row, metric: None, "error": f"attention backend unavailable here: {no_attention_kernel(e)}"}
@@ -525,9 +534,156 @@ def bench_tokenize(args):
 
 
 # -----------------------------------------------------------------------------
+# Memory modes
+
+def bench_memory(args, world, dtype):
+    """Per-rank state under DDP and FSDP, then a micro-step's peak memory and time with and without activation
+    checkpointing (fresh processes for each row, so that one row's peak is not another's)."""
+    rows = []
+    for mode in ("ddp", "fsdp"):
+        rows.append(guarded({"section": "memory", "what": "parameters + gradients + optimizer state per rank",
+                             "mode": mode, "ranks": args.ranks, "shape": f"{args.n_layer}x{args.n_embd}"},
+                            "state_mb_per_rank", lambda mode=mode: state_per_rank(args, world, mode)))
+    for checkpointed in [False, True] * args.memory_repeats:  # alternated: load from other work affects both alike
+        row = {"section": "memory", "what": "one micro-step", "activation_checkpointing": checkpointed,
+               "shape": f"{args.n_layer}x{args.n_embd} B={args.B} T={args.T}", "dtype": dtype}
+        rows.append(guarded(row, "peak_mb", lambda checkpointed=checkpointed: {
+            **in_fresh_process(micro_step, vars(args), world.device, dtype, checkpointed, "time"),
+            **in_fresh_process(micro_step, vars(args), world.device, dtype, checkpointed, "memory")}))
+    return rows
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawned), whose peak memory is its own. For a CPU's "memory" figures glibc
+    returns every freed block of 64 KB or more to the system at once, so that RSS follows the live tensors; not for
+    the "time" figures, as that makes each large tensor's pages fault in anew, which a run does not pay as much."""
+    import multiprocessing
+
+    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args[-1] == "memory":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the new process starts
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+
+
+def state_per_rank(args, world, mode):
+    """Rank 0's bytes of parameters, gradients and optimizer state after one update of a fresh GPT (gpt2 recipe,
+    AdamW) under DDP or FSDP on args.ranks processes started here."""
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as directory:
+        result = Path(directory) / "rank0.json"
+        torch.multiprocessing.spawn(state_worker, (args.ranks, port, mode, vars(args), world.device_type,
+                                                   str(result)), nprocs=args.ranks)
+        return json.loads(result.read_text())
+
+
+def state_worker(rank, ranks, port, mode, args, device_type, result):
+    import memory
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks))
+    world = train_gpt2.setup_distributed(device_type)
+    torch.manual_seed(0)
+    raw_model = train_gpt2.GPT(GPTConfig(block_size=args["T"], vocab_size=args["vocab_size"],
+                                         n_layer=args["n_layer"], n_head=args["n_head"],
+                                         n_embd=args["n_embd"])).to(world.device)
+    if mode == "fsdp":
+        model = memory.shard(raw_model, world, "float32", use_compile=False)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[world.local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
+    optimizers = raw_model.configure_optimizers(0.1, 6e-4, device_type)
+    x = torch.zeros((1, min(64, args["T"])), dtype=torch.long, device=world.device)  # the state does not depend on it
+    _, loss = model(x, x.clone())
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 -- this rank's shard of a DTensor
+    size = lambda tensors: sum(local(t).numel() * local(t).element_size() for t in tensors)  # noqa: E731
+    parameters = list(raw_model.parameters())
+    figures = {"parameters": size(parameters), "gradients": size(p.grad for p in parameters),
+               "optimizer_state": size(t for o in optimizers for s in o.state.values() for t in s.values())}
+    if world.is_master:
+        Path(result).write_text(json.dumps({"state_mb_per_rank": round(sum(figures.values()) / 2**20, 1),
+                                            **{f"{k}_mb": round(v / 2**20, 1) for k, v in figures.items()},
+                                            "parameters_counted": sum(p.numel() for p in parameters)}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def micro_step(args, device, dtype, checkpointed, measure):
+    """The peak memory of one forward and backward above what was held before it, or its time (measure: "memory" or
+    "time"), the median of args.steps. The gradients exist already (a first micro-step), as from the second on."""
+    import memory
+
+    args = argparse.Namespace(**args)
+    world = train_gpt2.setup_distributed(device)
+    torch.manual_seed(0)
+    raw_model = train_gpt2.GPT(GPTConfig(block_size=args.T, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                                         n_head=args.n_head, n_embd=args.n_embd)).to(world.device)
+    if checkpointed:
+        memory.checkpoint_blocks(raw_model)
+    x, y = (t.to(world.device) for t in SyntheticLoader(args.B, args.T, args.vocab_size).next_batch())
+
+    def step():
+        with common.autocast(world.device_type, dtype):
+            loss = raw_model(x, y)[1]
+        loss.backward()  # into the gradients of the first step: no new gradient memory
+
+    step()
+    times, cpu_times, peaks = [], [], []
+    for _ in range(args.steps):
+        world.synchronize()
+        before = held_memory(world)
+        was_reset = reset_peak_memory(world)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        step()
+        world.synchronize()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu0)
+        peaks.append(peak_held_memory(world, was_reset) - before)
+    if measure == "time":  # (and this process's CPU seconds, all its threads: steadier on a shared CPU)
+        return {"step_s": float(f"{statistics.median(times):.4g}"),
+                "cpu_s": float(f"{statistics.median(cpu_times):.4g}")}
+    per_token = statistics.median(peaks) / (args.B * args.T * args.n_layer * args.n_embd)
+    return {"peak_mb": round(statistics.median(peaks) / 2**20), "bytes_per_token_layer_channel": round(per_token, 2),
+            "memory_figure": "CUDA allocator" if world.device_type == "cuda" else "peak RSS rise (VmHWM)"}
+
+
+def held_memory(world):
+    """Bytes held now: CUDA's allocated tensors, or this process's resident set (Linux)."""
+    if world.device_type == "cuda":
+        return torch.cuda.memory_allocated(world.device)
+    return proc_status_kb("VmRSS") * 1024
+
+
+def peak_held_memory(world, was_reset):
+    if world.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(world.device)
+    if not was_reset:
+        raise common.UserError("the memory section needs Linux's /proc/self/clear_refs to measure a CPU's peak")
+    return proc_status_kb("VmHWM") * 1024
+
+
+def proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+# -----------------------------------------------------------------------------
 
 SECTIONS = {"train": bench_train, "loader": lambda a, w, t: bench_loader(a),
-            "hellaswag": bench_hellaswag, "core": bench_core, "tokenize": lambda a, w, t: bench_tokenize(a)}
+            "hellaswag": bench_hellaswag, "core": bench_core, "tokenize": lambda a, w, t: bench_tokenize(a),
+            "memory": bench_memory}
 
 
 def parse_args(argv=None):
@@ -562,6 +718,9 @@ def parse_args(argv=None):
     parser.add_argument("--core_rows", type=int, default=100, help="core: rows per task (the bundle if downloaded)")
     parser.add_argument("--tokenize_mb", type=int, default=100, help="tokenize: MB of jsonl")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenize: worker processes")
+    parser.add_argument("--ranks", type=int, default=2, help="memory: processes for the DDP and FSDP rows")
+    parser.add_argument("--memory_repeats", type=int, default=1, help="memory: rows with and without activation "
+                        "checkpointing, alternated")
     parser.add_argument("--json", default="bench.json", help="write the figures here (after every section)")
     return parser.parse_args(argv)
 

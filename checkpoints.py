@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import memory
 from common import UserError, atomic_write, first_line, print0
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pt$")
@@ -98,8 +99,8 @@ def save_checkpoint(log_dir, step, raw_model, optimizers, train_loader, record, 
     ranks = gather_objects({"loader": train_loader.state_dict(), "rng": rng_state(world)}, world)
     path = Path(log_dir) / f"model_{step:05d}.pt"
     failed = None
+    model_state, optimizer_state = memory.full_state(raw_model, optimizers)  # every rank: --fsdp gathers
     if world.is_master:
-        model_state, optimizer_state = raw_model.state_dict(), [o.state_dict() for o in optimizers]
         if bad := non_finite({"model": model_state, "optimizer": optimizer_state}):
             # a run resumed from such a file would only train nan further: the earlier checkpoints are worth more
             failed = UserError(f"not saving step {step}: {', '.join(bad[:3])} hold nan or inf. Earlier checkpoints "
@@ -259,7 +260,7 @@ def restore_checkpoint(checkpoint, optimizers, train_loader, world):
         for saved, group in zip(state["param_groups"], optimizer.param_groups):
             if "fused" in group:
                 saved["fused"] = group["fused"]
-        optimizer.load_state_dict(state)
+        memory.load_optimizer_state(optimizer, state)  # optimizer.load_state_dict, sharded under --fsdp
     train_loader.load_state_dict(checkpoint["loaders"][0])  # a global position: the same for every rank
     rng = checkpoint["rng"]  # one state per rank; a run resumed on another number of ranks gives each rank 0's
     set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0], world)

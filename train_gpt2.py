@@ -10,9 +10,9 @@ Sections, in reading order: the model (exactly Hugging Face's GPT-2), what chang
 the same file's faster recipe, as a diff against the model), the data loader, the learning-rate schedule,
 distributed set-up, evaluations, the hyperparameter table, then the training step and loop, train() and main. The
 appendix at the end measures speed. The operations the loop calls live beside this file: bookkeeping.py (the command
-line, flags checked before any work, resume, log.txt, locks, signals, a batch that fits the GPU), checkpoints.py (what
-a checkpoint holds), huggingface.py (both recipes' Hugging Face mappings and exports), cpu_loss.py (a faster loss for
-CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
+line, flags checked before any work, resume, log.txt, locks, signals), memory.py (what fits in memory, -B, FSDP),
+checkpoints.py (what a checkpoint holds), huggingface.py (both recipes' Hugging Face mappings and exports), cpu_loss.py
+(a faster loss for CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
 """
 
 import contextlib
@@ -34,6 +34,7 @@ import core
 import cpu_loss
 import hellaswag
 import huggingface
+import memory
 from bookkeeping import COMMAND, MACHINE, MATH, RUN
 from checkpoints import load_checkpoint, restore_checkpoint
 from common import (EOT, GPT2_SHAPES, GPT2_VOCAB, UserError, all_reduce, autocast, check_tokens, first_line,
@@ -528,7 +529,7 @@ def evaluate_val(model, loader, steps, world, dtype, stop):
     model.eval()
     loader.reset()  # the same val tokens every time
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), memory.whole_weights(model):  # --fsdp: each rank holds all the weights (memory.py)
         for _ in range(steps):
             if stop():
                 return None
@@ -542,16 +543,18 @@ def evaluate_val(model, loader, steps, world, dtype, stop):
 
 def evaluate_hellaswag(raw_model, examples, world, batch_size, dtype, stop):
     """acc_norm over all examples, each rank scoring its share; returns (n, acc_norm)."""
-    result = hellaswag.evaluate(raw_model, examples[world.rank::world.world_size], world.device,
-                                batch_size=batch_size, dtype=dtype, stop=stop)
+    with memory.whole_weights(raw_model):  # each rank goes at its own pace, even under --fsdp
+        result = hellaswag.evaluate(raw_model, examples[world.rank::world.world_size], world.device,
+                                    batch_size=batch_size, dtype=dtype, stop=stop)
     n, correct = (int(all_reduce(result[k], world)) for k in ("n", "correct_norm"))
     return n, correct / max(n, 1)  # n is 0 only when a stop request cut it short
 
 
 def evaluate_core(raw_model, tasks, items, world, batch_size, dtype, stop):
     """CORE, each rank scoring its share of every task's items; returns core.summarize's dict."""
-    counts = core.evaluate(raw_model, tasks, items, world.device, dtype, batch_size, world.rank, world.world_size,
-                           stop)
+    with memory.whole_weights(raw_model):
+        counts = core.evaluate(raw_model, tasks, items, world.device, dtype, batch_size, world.rank,
+                               world.world_size, stop)
     return core.summarize(tasks, [[int(all_reduce(c, world)) for c in pair] for pair in counts])
 
 
@@ -599,7 +602,7 @@ class TrainConfig:
     log_dir: str = flag("log", "log.txt and checkpoints go here (with --resume PATH: PATH's directory)", COMMAND)
     resume: str = flag(None, "continue from this checkpoint, or without PATH the newest in --log_dir; the flags you "
                        "do not give are the checkpoint's (but the machine's: --device, --dtype, --compile, -B, "
-                       "--dist_timeout)", COMMAND, nargs="?", const="latest", metavar="PATH")
+                       "--dist_timeout, the memory modes)", COMMAND, nargs="?", const="latest", metavar="PATH")
     sample: str = flag(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        COMMAND, metavar="PROMPT")
     wandb: str = flag(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
@@ -662,6 +665,10 @@ class TrainConfig:
     dtype: str = flag("auto", "auto: bfloat16 on CUDA GPUs of compute capability 8.0+ and CPUs with native bf16",
                       MACHINE, choices=("auto", "bfloat16", "float32"))
     dist_timeout: int = flag(600, "seconds a rank waits for the others in a collective before failing", MACHINE)
+    activation_checkpointing: str = flag("false", "recompute each block's activations in the backward pass instead of "
+                                         "keeping them (about 1/3 more compute)", MACHINE, choices=("true", "false"))
+    fsdp: str = flag("false", "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a copy on each (DDP)", MACHINE, choices=("true", "false"))
 
 
 PRESETS = {
@@ -690,9 +697,10 @@ def train_step(model, optimizers, train_loader, step, grad_accum_steps, cfg, wor
         if world.device_type == "cuda":  # pinned memory: the copy runs asynchronously, overlapping compute
             x = x.pin_memory().to(world.device, non_blocking=True)
             y = y.pin_memory().to(world.device, non_blocking=True)
-        # DDP all-reduces gradients during backward; only the last micro-step needs it, no_sync() skips the rest
+        # DDP all-reduces gradients during backward; only the last micro-step needs it, no_sync() skips the rest.
+        # (--fsdp reduce-scatters every micro-step: each rank then keeps only its shard of the gradient)
         last = micro_step == grad_accum_steps - 1
-        with contextlib.nullcontext() if world.world_size == 1 or last else model.no_sync():
+        with contextlib.nullcontext() if world.world_size == 1 or last or cfg.fsdp == "true" else model.no_sync():
             with autocast(world.device_type, dtype):
                 _, loss = model(x, y)
             # Each micro-batch's loss is a mean over its B*T tokens and gradients add up over micro-steps, so
@@ -748,8 +756,10 @@ def loop(cfg, run, model, raw_model, optimizers, train_loader, val_loader, evals
             if run.stop_on_any_rank():
                 return run.save_and_stop(step, raw_model, optimizers, train_loader, val_loss)
             run.record(step, "core", score["core"])
-        if due(cfg.sample_every, step, last_step) and world.is_master and not run.stop_signalled():
-            print_samples(raw_model, cfg.prompt, 32, cfg.seed, world, dtype)
+        if due(cfg.sample_every, step, last_step):
+            with memory.whole_weights(raw_model):  # (every rank: under --fsdp all of them gather the weights)
+                if world.is_master and not run.stop_signalled():
+                    print_samples(raw_model, cfg.prompt, 32, cfg.seed, world, dtype)
         if run.checkpoint_due(step, last_step):
             run.save(step, raw_model, optimizers, train_loader, val_loss)
         if last_step:
@@ -782,24 +792,30 @@ def train(cfg, world, given=()):
     cfg, start, checkpoint = bookkeeping.settle(cfg, given, world)  # a new cfg: what a resume takes from its checkpoint
     config = planned_config(cfg, checkpoint)  # the model's shape, before any weights are built
     bookkeeping.check_flags(cfg, world, start, config, lr_multiplier(cfg))
-    bookkeeping.check_memory(RECIPES[cfg.recipe], config, cfg, world)  # a model too big is one line, not a traceback
+    lrs = {"learning_rate": cfg.max_lr} if cfg.recipe == "gpt2" else \
+        {"learning_rate": cfg.muon_lr, "embed_lr": cfg.embed_lr, "head_lr": cfg.head_lr}
+    memory.check_memory(RECIPES[cfg.recipe], config, cfg, world, lrs)  # too big: one line, not a traceback
     dtype = resolve_dtype(cfg.dtype, world.device_type)
     raw_model = create_model(cfg, config, checkpoint, start).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
         return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
-    lrs = {"learning_rate": cfg.max_lr} if cfg.recipe == "gpt2" else \
-        {"learning_rate": cfg.muon_lr, "embed_lr": cfg.embed_lr, "head_lr": cfg.head_lr}
-    optimizers = raw_model.configure_optimizers(cfg.weight_decay, device_type=world.device_type, **lrs)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and world.device_type == "cuda")
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if world.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
-            gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
-    if "micro_batch_size" not in given and bookkeeping.out_of_memory_is_an_error(world):
-        B = bookkeeping.fit_micro_batch(model, cfg.micro_batch_size, cfg.seq_len, world, dtype)  # B, B/2, ...
-        cfg = dataclasses.replace(cfg, micro_batch_size=B)  # the largest that fits every GPU
+    if cfg.activation_checkpointing == "true":  # keep each block's input only, recompute the rest in the backward
+        memory.checkpoint_blocks(raw_model)
+    if cfg.fsdp == "true":  # each rank keeps 1/W of the weights, gradients and optimizer state (memory.py)
+        model = memory.shard(raw_model, world, dtype, use_compile)
+    else:
+        model = torch.compile(raw_model) if use_compile else raw_model
+        if world.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
+                gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
+    # the optimizers after sharding, which replaces each parameter by this rank's shard of it
+    optimizers = raw_model.configure_optimizers(cfg.weight_decay, device_type=world.device_type, **lrs)
+    if "micro_batch_size" not in given and memory.out_of_memory_is_an_error(world):  # the largest B, B/2, ... that fits
+        B = memory.fit_micro_batch(model, raw_model, optimizers, cfg.micro_batch_size, cfg.seq_len, world, dtype)
+        cfg = dataclasses.replace(cfg, micro_batch_size=B)  # the same on every GPU
     # data: every rank reads its own share of one global order of windows, B sequences of T tokens at a time
     data, B, T, W = bookkeeping.fetch_data(cfg, world), cfg.micro_batch_size, cfg.seq_len, world.world_size
     train_loader = ShardedLoader(data, B, T, "train", world.rank, W, cfg.seed, config.vocab_size)

@@ -96,8 +96,10 @@ def lrs_of(out):
 
 
 def torchrun_cpu(args, log_dir, nproc=2):
-    """train_gpt2.py under torchrun with `nproc` CPU ranks (gloo), one thread each on this small machine."""
+    """train_gpt2.py under torchrun with `nproc` CPU ranks (gloo), one thread each on this small machine; returns the
+    finished process (its stdout, stderr)."""
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                           str(ROOT / "train_gpt2.py"), *args, "--log_dir", str(log_dir)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out

@@ -131,3 +131,21 @@ def test_core_rows_time_the_same_items_both_ways_in_the_bundles_format(tmp_path,
     tasks = core.load_tasks(bench.synthetic_bundle(tmp_path / "again", 12))  # the same rows: the format is core's
     assert [t.kind for t in tasks] == ["multiple_choice", "schema", "language_modeling"]
     assert [t.shots for t in tasks] == [3, 1, 1] and all(len(t.rows) == 12 for t in tasks)
+
+
+@pytest.mark.slow
+def test_memory_rows_count_each_ranks_state_and_a_micro_steps_peak(tmp_path):
+    """bench.py --only memory's figures on a tiny GPT: FSDP on 2 ranks holds half of DDP's state per rank (counted
+    from the tensors), and a micro-step's peak and time come back for both activation checkpointing settings."""
+    args = bench.parse_args(["--only", "memory", "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd",
+                             "32", "--vocab_size", "128", "-B", "2", "-T", "16", "--steps", "1"])
+    world = train_gpt2.DistInfo(0, 0, 1, "cpu", "cpu", True)
+    ddp, fsdp = (bench.state_per_rank(args, world, mode) for mode in ("ddp", "fsdp"))
+    assert ddp["parameters_counted"] == fsdp["parameters_counted"] == 30_080
+    assert ddp["optimizer_state_mb"] == 2 * ddp["parameters_mb"] and fsdp["state_mb_per_rank"] <= 0.55 * ddp[
+        "state_mb_per_rank"]
+    for checkpointed in (False, True):  # (in this process: the section itself runs each in a fresh one)
+        row = {**bench.micro_step(vars(args), "cpu", "float32", checkpointed, "time"),
+               **bench.micro_step(vars(args), "cpu", "float32", checkpointed, "memory")}
+        assert row["step_s"] > 0 and row["cpu_s"] > 0 and row["peak_mb"] >= 0
+        assert row["memory_figure"] == "peak RSS rise (VmHWM)"

@@ -284,7 +284,7 @@ def test_the_table_says_what_resume_does_with_each_flag():
     kinds = {f.name: f.metadata["on_resume"] for f in train_gpt2.dataclasses.fields(train_gpt2.TrainConfig)}
     assert set(kinds.values()) == {"math", "run", "machine", "command"}
     assert {k for k, v in kinds.items() if v == "machine"} == {"device", "dtype", "compile", "micro_batch_size",
-                                                               "dist_timeout"}
+                                                               "dist_timeout", "activation_checkpointing", "fsdp"}
     assert {k for k, v in kinds.items() if v == "command"} == {"resume", "sample", "log_dir"}
 
 
