@@ -15,6 +15,7 @@ a checkpoint holds), huggingface.py (both recipes' Hugging Face mappings and exp
 CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
 """
 
+import codecs
 import contextlib
 import dataclasses
 import math
@@ -582,26 +583,32 @@ def evaluate_core(raw_model, tasks, items, world, batch_size, dtype, stop):
     return core.summarize(tasks, [[int(all_reduce(c, world)) for c in pair] for pair in counts])
 
 
-def sample_text(raw_model, prompt, max_new_tokens, seed, device):
-    """Four continuations of prompt, drawn with a generator of their own (training RNG untouched)."""
+def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype, num_samples=4, **sampling):
+    """num_samples continuations of prompt (sampling: stream's temperature, top_k), decoded together after one prefill,
+    the first printed as its tokens come, the rest when done; their generator is their own (training RNG untouched)."""
+    bad = [f"--{k} {v}" for k, v in dict(sampling, num_samples=num_samples, max_new_tokens=max_new_tokens).items()
+           if not v >= (0 if k == "temperature" else 1)]  # (not >=: a nan temperature too)
+    if bad:
+        raise UserError(f"{', '.join(bad)}: --temperature must be >= 0 (0: greedy), the other sampling flags >= 1")
     enc = get_tokenizer()
     ids = enc.encode_ordinary(prompt)
     if not ids or max(ids) >= raw_model.config.vocab_size:
         raise UserError(f"the prompt {prompt!r} is empty or has tokens outside the model's vocabulary of "
                         f"{raw_model.config.vocab_size}")
-    idx = torch.tensor([ids] * 4, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = raw_model.training
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=world.device)
+    generator = torch.Generator(device=world.device).manual_seed(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # bytes -> text, a character split over tokens whole
+    print("> " + decoder.decode(enc.decode_bytes(ids)), end="", flush=True)
+    was_training, new = raw_model.training, []
     raw_model.eval()
-    out = raw_model.generate(idx, max_new_tokens, generator=generator)
-    raw_model.train(was_training)
-    return [enc.decode(row.tolist()) for row in out]
-
-
-def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype):
     with autocast(world.device_type, dtype):
-        for text in sample_text(raw_model, prompt, max_new_tokens, seed, world.device):
-            print(f"> {text}")
+        for next_id in raw_model.stream(idx, max_new_tokens, generator=generator, **sampling):  # (num_samples, 1)
+            new.append(next_id)
+            print(decoder.decode(enc.decode_bytes(next_id[0].tolist())), end="", flush=True)
+    raw_model.train(was_training)
+    print(decoder.decode(b"", final=True))
+    for row in torch.cat((idx, *new), dim=1)[1:]:
+        print(f"> {enc.decode(row.tolist())}")
 
 
 # -----------------------------------------------------------------------------
@@ -629,6 +636,10 @@ class TrainConfig:
                        "--dist_timeout)", COMMAND, nargs="?", const="latest", metavar="PATH")
     sample: str = flag(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        COMMAND, metavar="PROMPT")
+    temperature: float = flag(1.0, "--sample: divides the logits; 0: greedy (the likeliest token)", COMMAND)
+    top_k: int = flag(50, "--sample: draw from the k likeliest tokens", COMMAND)
+    num_samples: int = flag(4, "--sample: continuations, decoded together after one prefill of the prompt", COMMAND)
+    max_new_tokens: int = flag(64, "--sample: tokens per continuation", COMMAND)
     wandb: str = flag(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
                       RUN, metavar="PROJECT")
     init_from: str = flag("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
@@ -812,7 +823,8 @@ def train(cfg, world, given=()):
     dtype = resolve_dtype(cfg.dtype, world.device_type)
     raw_model = create_model(cfg, config, checkpoint, start).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
-        return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None
+        return print_samples(raw_model, cfg.sample, cfg.max_new_tokens, cfg.seed, world, dtype, cfg.num_samples,
+                             temperature=cfg.temperature, top_k=cfg.top_k) if world.is_master else None
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
     lrs = {"learning_rate": cfg.max_lr} if cfg.recipe == "gpt2" else \
         {"learning_rate": cfg.muon_lr, "embed_lr": cfg.embed_lr, "head_lr": cfg.head_lr}

@@ -1,6 +1,7 @@
-"""Sampling with a KV cache (GPT.generate and GPT.stream): the same tokens as the uncached model, for both recipes,
-before and past block_size; the same greedy tokens as transformers' generate on our export; one prefill for the rows
-of one prompt, then one position per token; never a padded id.
+"""Sampling with a KV cache (GPT.generate and GPT.stream, `--sample`): the same tokens as the uncached model, for
+both recipes, before and past block_size; the same greedy tokens as transformers' generate on our export; one
+prefill for the rows of one prompt, then one position per token; streamed text, whole characters; bad flags in one
+line; never a padded id.
 
 "The uncached model" is defined as stream documents it: every token runs model(idx[:, start:]) again, positions
 from 0, where the window idx[:, start:] starts at 0 and, once it would hold more than block_size tokens, restarts at
@@ -8,10 +9,11 @@ its last block_size // 2 tokens. Within block_size that is the whole context, as
 """
 import pytest
 import torch
+from conftest import TINY, TINY_RUN, train
 
 import train_gpt2
-from common import GPT2_VOCAB
-from train_gpt2 import GPTConfig
+from common import GPT2_VOCAB, get_tokenizer
+from train_gpt2 import GPT, DistInfo, GPTConfig
 
 BLOCK = 16
 CONFIG = GPTConfig(block_size=BLOCK, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)  # padded like from scratch
@@ -152,3 +154,64 @@ def test_greedy_never_emits_a_padded_id_even_where_the_model_prefers_them(recipe
     assert model(idx)[0][0, -1].argmax() >= GPT2_VOCAB
     out = model.generate(idx, 2 * BLOCK, temperature=0)
     assert out.max() < GPT2_VOCAB
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from conftest import write_shards
+
+    tmp = tmp_path_factory.mktemp("sampling")
+    train(write_shards(tmp / "shards", [4000, 6000, 5000]), tmp / "log", "--max_steps", "4", "--checkpoint_every", "4")
+    return tmp / "log" / "model_00004.pt"
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_sample_streams_what_generate_gives(checkpoint, tmp_path, monkeypatch, temperature):
+    printed = []  # each print call's text: the first sample must come token by token
+    monkeypatch.setattr(train_gpt2, "print", lambda *a, end="\n", **k: printed.append(" ".join(map(str, a)) + end),
+                        raising=False)
+    n = 20
+    train_gpt2.main(TINY_RUN + ["--init_from", str(checkpoint), "--log_dir", str(tmp_path / "none"), "--sample", "A",
+                                "--temperature", temperature, "--max_new_tokens", str(n), "--num_samples", "3",
+                                "--top_k", "40", "--seed", "5"])
+    model = GPT.from_checkpoint(checkpoint)  # TINY's vocabulary of 128: "A" is its id 32
+    out = model.generate(torch.tensor([[32]] * 3), n, temperature=float(temperature), top_k=40,
+                         generator=torch.Generator().manual_seed(5))
+    expected = "".join(f"> {get_tokenizer().decode(row.tolist())}\n" for row in out)
+    assert "".join(printed) == expected and len(printed) == (1 + n + 1) + 2  # prompt, n tokens, end; 2 rows whole
+    assert len({line for line in expected.splitlines()}) == (1 if temperature == "0" else 3)
+
+
+def test_streamed_text_keeps_characters_split_over_tokens_whole(monkeypatch):
+    """GPT-2's tokens are bytes: "é" can come as two tokens, neither of them text. Printed as they come, each piece
+    is whole characters, and together they are the text that decoding all the tokens gives."""
+    enc = get_tokenizer()
+    text = " é — 😀 ok"
+    ids = [enc.encode_single_token(bytes([b])) for b in text.encode()]  # one token per byte: split characters
+
+    class Model:  # what print_samples needs of a model
+        config, training = CONFIG, False
+
+        def eval(self):
+            pass
+
+        def train(self, mode):
+            pass
+
+        def stream(self, idx, max_new_tokens, generator=None, **sampling):
+            yield from (torch.full((idx.size(0), 1), i) for i in ids[:max_new_tokens])
+
+    printed = []
+    monkeypatch.setattr(train_gpt2, "print", lambda *a, end="\n", **k: printed.append(" ".join(a) + end), raising=False)
+    train_gpt2.print_samples(Model(), "Molière:", len(ids), 0, DistInfo(0, 0, 1, "cpu", "cpu", True), "float32", 1)
+    assert "".join(printed) == f"> Molière:{text}\n" and not any("\ufffd" in piece for piece in printed)
+    assert len(printed) > 4  # (streamed: not in one piece)
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top_k", "0"),
+                                         ("--num_samples", "0"), ("--max_new_tokens", "-3")])
+def test_bad_sampling_flags_are_one_line_naming_the_flag(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_gpt2.main(TINY + ["--log_dir", str(tmp_path), "--sample", "A", flag, value])
+    err = capsys.readouterr().err
+    assert f"{flag} {value}" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
