@@ -215,3 +215,22 @@ def test_bad_sampling_flags_are_one_line_naming_the_flag(flag, value, tmp_path, 
         train_gpt2.main(TINY + ["--log_dir", str(tmp_path), "--sample", "A", flag, value])
     err = capsys.readouterr().err
     assert f"{flag} {value}" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bench_times_the_cache_without_it_and_transformers(tmp_path):
+    """bench.py's sample rows (the timings are figures for results/README.md; here: the rows are there, each
+    generation ran to its length, and transformers' GPT-2 is not asked for positions it does not have)."""
+    import json
+
+    import bench
+
+    bench.main(["--only", "sample", "--device", "cpu", "--dtype", "float32", "--n_layer", "2", "--n_head", "2",
+                "--n_embd", "32", "-T", "16", "--prompt_tokens", "10", "--new_tokens", "10", "--sample_repeats", "1",
+                "--json", str(tmp_path / "bench.json")])
+    rows = {(r["recipe"], r["method"]): r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    assert len(rows) == 8 and all(r["section"] == "sample" for r in rows.values())
+    cached, transformers = "GPT.generate, KV cache", "transformers generate(), its KV cache"
+    assert rows["gpt2", transformers]["tokens_per_s"] is None and "n_positions" in rows["gpt2", transformers]["error"]
+    assert rows["modern", transformers]["tokens_per_s"] > 0 and "x_transformers" in rows["modern", cached]
+    assert all(isinstance(rows[recipe, cached]["x_uncached"], float) for recipe in ("gpt2", "modern"))
