@@ -29,6 +29,10 @@ Sections:
              Each micro-step row runs in a fresh process: on CUDA the allocator's peak, elsewhere the rise of the
              process's peak RSS (Linux VmHWM, reset before the step; glibc told to return freed blocks of 64 KB and
              more to the system at once, so that RSS follows the live tensors).
+  sample     tokens/s of what `--sample` runs (GPT.generate: --num_samples rows of one prompt, top-k 50) for
+             --new_tokens after a --prompt_tokens prompt, on a model of block_size -T, each recipe: with the KV cache,
+             without it (the whole window again per token), as before the cache (the last block_size tokens again
+             per token), and transformers' generate() on the export
 
 Defaults: on CUDA, GPT-2 124M (12 layers, 768 wide) at B=64, T=1024, and a real step of 2**19 tokens (8
 micro-steps), as train_gpt2.py trains it; elsewhere a 4-layer, 256-wide GPT at B=8, T=256, and a real step of 4
@@ -513,6 +517,99 @@ def bench_core(args, world, dtype):
 
 
 # -----------------------------------------------------------------------------
+# Sampling
+
+def bench_sample(args, world, dtype):
+    """tokens/s (all rows) of GPT.generate as `--sample` runs it (temperature 1, top-k 50, --num_samples rows of one
+    prompt of random ids), with its KV cache and with use_cache=False (the same tokens: the whole window again for
+    every token); of GPT.generate as it was before the cache; and of transformers' generate() on the export of the
+    same model (its own KV cache, sampling with the same top-k and rows, not stopping at <|endoftext|>). Past
+    block_size (-T) our window slides; transformers' NanoChat attends to every token instead, and its GPT-2 has no
+    position there (a row says so). Medians of --sample_repeats runs after a warm-up of 2 tokens."""
+    config = GPTConfig(block_size=args.T, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd)
+    P, rows = args.prompt_tokens, args.num_samples
+    prompt = torch.randint(0, common.GPT2_VOCAB, (1, P), generator=torch.Generator().manual_seed(0)).to(world.device)
+    base = {"section": "sample", "dtype": dtype, "shape": f"{args.n_layer}x{args.n_embd} block_size={args.T}",
+            "prompt_tokens": P, "rows": rows}
+    results = []
+    for recipe in args.recipe:
+        torch.manual_seed(0)
+        model = train_gpt2.RECIPES[recipe](config).to(world.device).eval()
+        measured = []
+        for method, n, generate in sampling_methods(model, prompt, args, world):
+            row = {**base, "recipe": recipe, "method": method, "new_tokens": n}
+            if method.startswith("transformers") and recipe == "gpt2" and P + n > args.T:
+                measured.append({**row, "tokens_per_s": None, "error": f"GPT2LMHeadModel has {args.T} positions "
+                                 f"(n_positions = block_size), fewer than {P} + {n}"})
+                print(measured[-1])
+                continue
+            measured.append(guarded(row, "tokens_per_s", lambda n=n, generate=generate: time_generation(
+                generate, n, rows, P, args.sample_repeats, world, dtype)))
+        speed = [row.get("tokens_per_s") for row in measured]
+        for i, key in ((1, "x_uncached"), (2, "x_before"), (3, "x_transformers")):
+            if isinstance(speed[0], float) and isinstance(speed[i], float):
+                measured[0][key] = round(speed[0] / speed[i], 2)
+        results += measured
+    return results
+
+
+def sampling_methods(model, prompt, args, world):
+    """[(method, new tokens, generate(n) -> (rows, P + n) ids)]: ours with and without the cache, as before it, and
+    transformers' on the export of the same model."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        hf = AutoModelForCausalLM.from_pretrained(directory).to(world.device).eval()
+    rows, idx = args.num_samples, prompt.expand(args.num_samples, -1)
+
+    def seeded():
+        return torch.Generator(world.device).manual_seed(0)
+
+    def theirs(n):
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=True,
+                           top_k=50, temperature=1.0, num_return_sequences=rows, eos_token_id=None)
+
+    uncached_n = args.uncached_new_tokens or args.new_tokens
+    return [("GPT.generate, KV cache", args.new_tokens, lambda n: model.generate(idx, n, generator=seeded())),
+            ("GPT.generate(use_cache=False)", uncached_n,
+             lambda n: model.generate(idx, n, generator=seeded(), use_cache=False)),
+            ("before the cache: the last block_size tokens again per token", uncached_n,
+             lambda n: generate_before_the_cache(model, idx, n, 50, seeded())),
+            ("transformers generate(), its KV cache", args.new_tokens, theirs)]
+
+
+@torch.no_grad()
+def generate_before_the_cache(model, idx, max_new_tokens, top_k, generator):
+    """GPT.generate as it was before the KV cache (issue 34), for comparison: the last block_size tokens through the
+    model again for every token, top-k by masking the other logits, a draw over the whole vocabulary."""
+    for _ in range(max_new_tokens):
+        logits = model.lm_head(model.hidden_states(idx[:, -model.config.block_size:])[:, -1, :])
+        logits = logits[:, :common.GPT2_VOCAB].float()
+        top_logits, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < top_logits[:, [-1]]] = -float("inf")
+        idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)), dim=1)
+    return idx
+
+
+def time_generation(generate, n, rows, prompt_tokens, repeats, world, dtype):
+    """{tokens_per_s, seconds}: the median of `repeats` timed generate(n) calls, rows * n tokens each."""
+    with common.autocast(world.device_type, dtype):
+        generate(2)  # warm-up: the first call's allocations and kernel choices
+        seconds = []
+        for _ in range(repeats):
+            world.synchronize()
+            t0 = time.perf_counter()
+            out = generate(n)
+            world.synchronize()
+            seconds.append(time.perf_counter() - t0)
+    assert out.shape == (rows, prompt_tokens + n), out.shape  # all n tokens, none cut short
+    s = statistics.median(seconds)
+    return {"tokens_per_s": round(rows * n / s, 1), "seconds": round(s, 2)}
+
+
+# -----------------------------------------------------------------------------
 # Tokenization
 
 def bench_tokenize(args):
@@ -683,7 +780,7 @@ def proc_status_kb(field):
 
 SECTIONS = {"train": bench_train, "loader": lambda a, w, t: bench_loader(a),
             "hellaswag": bench_hellaswag, "core": bench_core, "tokenize": lambda a, w, t: bench_tokenize(a),
-            "memory": bench_memory}
+            "memory": bench_memory, "sample": bench_sample}
 
 
 def parse_args(argv=None):
@@ -717,6 +814,12 @@ def parse_args(argv=None):
     parser.add_argument("--examples", type=int, default=200, help="hellaswag: examples (val if downloaded)")
     parser.add_argument("--core_rows", type=int, default=100, help="core: rows per task (the bundle if downloaded)")
     parser.add_argument("--tokenize_mb", type=int, default=100, help="tokenize: MB of jsonl")
+    parser.add_argument("--prompt_tokens", type=int, default=500, help="sample: tokens of the prompt")
+    parser.add_argument("--new_tokens", type=int, default=500, help="sample: tokens generated per row")
+    parser.add_argument("--uncached_new_tokens", type=int, help="sample: tokens generated per row without the cache "
+                        "(default: --new_tokens; fewer for a large model, whose uncached rows take long)")
+    parser.add_argument("--num_samples", type=int, default=4, help="sample: rows (--sample's --num_samples)")
+    parser.add_argument("--sample_repeats", type=int, default=3, help="sample: timed runs of each row (median)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenize: worker processes")
     parser.add_argument("--ranks", type=int, default=2, help="memory: processes for the DDP and FSDP rows")
     parser.add_argument("--memory_repeats", type=int, default=1, help="memory: rows with and without activation "

@@ -15,6 +15,7 @@ checkpoints.py (what a checkpoint holds), huggingface.py (both recipes' Hugging 
 (a faster loss for CPUs) and common.py (errors, atomic writes, downloads, tokenizer, device, dtype).
 """
 
+import codecs
 import contextlib
 import dataclasses
 import math
@@ -52,6 +53,18 @@ class GPTConfig:
     n_embd: int = 768
 
 
+class KVCache(dict):
+    """What generation keeps, {attention layer: (k, v)}: the keys and values (B, nh, pos, hs) of the pos tokens so far,
+    so that a new token is one position of work. Filled by one forward over the prompt, then one token at a time."""
+    pos = 0  # tokens held: the next one's position
+
+    def update(self, layer, k, v):  # -> the layer's keys and values of every token so far, the T new ones last
+        if layer in self:  # (torch.cat copies, as transformers' DynamicCache does; expand: one prefill, n samples)
+            k, v = (torch.cat((old.expand(len(new), -1, -1, -1), new), 2) for old, new in zip(self[layer], (k, v)))
+        self[layer], self.pos = (k, v), k.size(2)
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -60,14 +73,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # back into the residual stream
         self.n_head = config.n_head
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, cache=None):
         B, T, C = x.size()  # batch, sequence length, embedding size (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs): every head attends on its own slice of hs = C / nh channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # flash attention where the hardware has it: the (T, T) attention matrix is never stored.
-        # Causal (each token sees itself and the tokens before it) unless a mask says otherwise.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        k, v = (k, v) if cache is None else cache.update(self, k, v)  # generating: the cached ones too (B, nh, pos, hs)
+        # flash attention where the hardware has it: the (T, T) attention matrix is never stored. Causal (each token
+        # sees itself and the tokens before it) unless a mask says otherwise; one new token sees every cached one.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -93,8 +107,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)  # tokens talk to each other
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)  # tokens talk to each other
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
@@ -131,22 +145,25 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx, pos=None, attn_mask=None):
+    def hidden_states(self, idx, pos=None, attn_mask=None, cache=None):
         """(B, T) token ids -> (B, T, n_embd) final hidden states, before the vocabulary projection.
 
         pos (positions) and attn_mask (B, 1, T, T), True where a token may attend, default to 0..T-1 and causal
         attention; hellaswag.py passes its own to score four endings after one shared context in one row.
         """
-        B, T = idx.size()
-        if pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of length {T} is longer than the model's block_size "
-                                 f"{self.config.block_size}")
-            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        pos = self.positions(idx, pos, cache)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts
         for block in self.transformer.h:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, cache)
         return self.transformer.ln_f(x)
+
+    def positions(self, idx, pos, cache):
+        """pos if given, else the positions of idx's T tokens: 0..T-1, or after a KVCache's tokens."""
+        start = 0 if cache is None else cache.pos
+        end = start + idx.size(1)
+        if pos is None and end > self.config.block_size:
+            raise ValueError(f"sequence of length {end} is longer than the model's block_size {self.config.block_size}")
+        return torch.arange(start, end, device=idx.device) if pos is None else pos
 
     def forward(self, idx, targets=None):
         """(B, T) ids -> (logits, loss): the (B, T, vocab_size) scores of every next token, and with targets their
@@ -193,21 +210,36 @@ class GPT(nn.Module):
         # fused: one kernel for all parameters instead of a dozen per tensor (CUDA only)
         return [torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")]
 
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
+        """idx (B, T) followed by max_new_tokens sampled tokens: stream's, all at once."""
+        return torch.cat((idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache)), dim=1)
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); top-k sampling as in the GPT-2 paper's samples."""
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
+        """Yield the (B, 1) tokens that follow idx (B, T), one at a time: top-k sampling (GPT-2 paper), greedy at
+        temperature 0. With a KVCache (nanochat's engine): one forward over the prompt, then one position per token.
+        The context is a window of at most block_size tokens, as in training; once full it restarts at its last half,
+        prefilled again at positions 0.. (a cached key holds its position; the tokens that left were in every kept
+        one's context). use_cache=False runs the whole window for every token instead: the same tokens."""
+        B, block, start, cache = idx.size(0), self.config.block_size, 0, None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
-            logits = self.lm_head(self.hidden_states(context)[:, -1, :])  # (B, vocab): only the last position
-            # ids past GPT-2's 50,257 are padding (vocab 50304): never trained, and the tokenizer cannot decode them
-            logits = logits[:, :GPT2_VOCAB].float() / temperature
-            if top_k is not None:
-                top_logits, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < top_logits[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            if idx.size(1) - start > block:  # the window is full: slide it
+                start, cache = idx.size(1) - max(1, block // 2), None
+            window = idx[:, -1:]  # the newest token, attending to the cached ones
+            if cache is None or not use_cache:  # or the prefill: the whole window (one row for n samples of a prompt)
+                cache, window = KVCache() if use_cache else None, idx[:, start:]
+                window = window[:1] if bool((window == window[:1]).all()) else window
+            logits = self.lm_head(self.hidden_states(window, cache=cache)[:, -1, :]).expand(B, -1)  # (B, vocab)
+            logits = logits[:, :GPT2_VOCAB].float()  # ids past 50,257 are padding (vocab 50304): never trained
+            if temperature == 0:  # greedy: the likeliest token
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:  # drawn among the top_k likeliest (None: all), in proportion to exp(logit / temperature)
+                top_logits, top_ids = torch.topk(logits, min(top_k or logits.size(-1), logits.size(-1)))  # (B, k)
+                top_ids, order = top_ids.sort(dim=-1)  # in id order, which float rounding cannot shuffle
+                probs = F.softmax(top_logits.gather(1, order) / temperature, dim=-1)
+                next_id = top_ids.gather(1, torch.multinomial(probs, 1, generator=generator))  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
-        return idx
+            yield next_id
 
 
 # -----------------------------------------------------------------------------
@@ -237,14 +269,15 @@ class ModernSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # they add nothing at this scale
         self.n_head = config.n_head
 
-    def forward(self, x, cos, sin, attn_mask=None):
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # QK-norm (Henry et al. 2020; Dehghani et al. 2023): q and k at unit RMS, so attention logits cannot grow
         # without bound and saturate the softmax, the instability that otherwise caps the learning rate
         q, k = rotary(rms_norm(q), cos, sin), rotary(rms_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        k, v = (k, v) if cache is None else cache.update(self, k, v)  # keys cached as turned at their positions
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -264,8 +297,8 @@ class ModernBlock(nn.Module):
         super().__init__()
         self.attn, self.mlp = ModernSelfAttention(config), ModernMLP(config)
 
-    def forward(self, x, cos, sin, attn_mask=None):
-        x = x + self.attn(rms_norm(x), cos, sin, attn_mask)  # pre-norm as before, RMSNorm for LayerNorm
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        x = x + self.attn(rms_norm(x), cos, sin, attn_mask, cache)  # pre-norm as before, RMSNorm for LayerNorm
         return x + self.mlp(rms_norm(x))
 
 
@@ -281,7 +314,7 @@ class SoftCappedLinear(nn.Linear):
 
 
 class ModernGPT(GPT):
-    """GPT with the changes above; from GPT it keeps forward, generate, from_checkpoint and the weight init helper."""
+    """GPT with the changes above; from GPT it keeps forward, generate and stream, from_checkpoint, the init helper."""
 
     recipe = "modern"
     revision = 2  # 2: the RMSNorm after the token embedding (a revision-1 checkpoint was trained without it)
@@ -305,13 +338,8 @@ class ModernGPT(GPT):
             if name.endswith("c_proj.weight") or name == "lm_head.weight":
                 nn.init.zeros_(p)
 
-    def hidden_states(self, idx, pos=None, attn_mask=None):
-        T = idx.size(1)
-        if pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of length {T} is longer than the model's block_size "
-                                 f"{self.config.block_size}")
-            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+    def hidden_states(self, idx, pos=None, attn_mask=None, cache=None):
+        pos = self.positions(idx, pos, cache)  # generating: rotary turns the new q and k by their positions
         hs = self.config.n_embd // self.config.n_head
         theta = self.rope_theta ** (-torch.arange(0, hs, 2, device=idx.device, dtype=torch.float32) / hs)  # (hs/2,)
         angles = pos.view(-1, 1, pos.size(-1), 1).float() * theta  # (B or 1, 1, T, hs/2): broadcast over heads
@@ -320,7 +348,7 @@ class ModernGPT(GPT):
         x = rms_norm(self.transformer.wte(idx))
         cos, sin = angles.cos(), angles.sin()  # float32; rotary() applies them in q's and k's dtype
         for block in self.transformer.h:
-            x = block(x, cos, sin, attn_mask)
+            x = block(x, cos, sin, attn_mask, cache)
         return rms_norm(x)
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, *, embed_lr, head_lr):
@@ -558,26 +586,32 @@ def evaluate_core(raw_model, tasks, items, world, batch_size, dtype, stop):
     return core.summarize(tasks, [[int(all_reduce(c, world)) for c in pair] for pair in counts])
 
 
-def sample_text(raw_model, prompt, max_new_tokens, seed, device):
-    """Four continuations of prompt, drawn with a generator of their own (training RNG untouched)."""
+def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype, num_samples=4, **sampling):
+    """num_samples continuations of prompt (sampling: stream's temperature, top_k), decoded together after one prefill,
+    the first printed as its tokens come, the rest when done; their generator is their own (training RNG untouched)."""
+    bad = [f"--{k} {v}" for k, v in dict(sampling, num_samples=num_samples, max_new_tokens=max_new_tokens).items()
+           if not v >= (0 if k == "temperature" else 1)]  # (not >=: a nan temperature too)
+    if bad:
+        raise UserError(f"{', '.join(bad)}: --temperature must be >= 0 (0: greedy), the other sampling flags >= 1")
     enc = get_tokenizer()
     ids = enc.encode_ordinary(prompt)
     if not ids or max(ids) >= raw_model.config.vocab_size:
         raise UserError(f"the prompt {prompt!r} is empty or has tokens outside the model's vocabulary of "
                         f"{raw_model.config.vocab_size}")
-    idx = torch.tensor([ids] * 4, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = raw_model.training
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=world.device)
+    generator = torch.Generator(device=world.device).manual_seed(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # bytes -> text, a character split over tokens whole
+    print("> " + decoder.decode(enc.decode_bytes(ids)), end="", flush=True)
+    was_training, new = raw_model.training, []
     raw_model.eval()
-    out = raw_model.generate(idx, max_new_tokens, generator=generator)
-    raw_model.train(was_training)
-    return [enc.decode(row.tolist()) for row in out]
-
-
-def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype):
     with autocast(world.device_type, dtype):
-        for text in sample_text(raw_model, prompt, max_new_tokens, seed, world.device):
-            print(f"> {text}")
+        for next_id in raw_model.stream(idx, max_new_tokens, generator=generator, **sampling):  # (num_samples, 1)
+            new.append(next_id)
+            print(decoder.decode(enc.decode_bytes(next_id[0].tolist())), end="", flush=True)
+    raw_model.train(was_training)
+    print(decoder.decode(b"", final=True))
+    for row in torch.cat((idx, *new), dim=1)[1:]:
+        print(f"> {enc.decode(row.tolist())}")
 
 
 # -----------------------------------------------------------------------------
@@ -605,6 +639,10 @@ class TrainConfig:
                        "--dist_timeout, the memory modes)", COMMAND, nargs="?", const="latest", metavar="PATH")
     sample: str = flag(None, "print samples of this prompt from the initialised (or resumed) model, then exit",
                        COMMAND, metavar="PROMPT")
+    temperature: float = flag(1.0, "--sample: divides the logits; 0: greedy (the likeliest token)", COMMAND)
+    top_k: int = flag(50, "--sample: draw from the k likeliest tokens", COMMAND)
+    num_samples: int = flag(4, "--sample: continuations, decoded together after one prefill of the prompt", COMMAND)
+    max_new_tokens: int = flag(64, "--sample: tokens per continuation", COMMAND)
     wandb: str = flag(None, "log to this Weights & Biases project (WANDB_MODE=offline works without an account)",
                       RUN, metavar="PROJECT")
     init_from: str = flag("scratch", "scratch, a GPT-2 from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
@@ -798,7 +836,8 @@ def train(cfg, world, given=()):
     dtype = resolve_dtype(cfg.dtype, world.device_type)
     raw_model = create_model(cfg, config, checkpoint, start).to(world.device)
     if cfg.sample is not None:  # --sample PROMPT: continuations of the prompt, then exit (no data, nothing written)
-        return print_samples(raw_model, cfg.sample, 64, cfg.seed, world, dtype) if world.is_master else None
+        return print_samples(raw_model, cfg.sample, cfg.max_new_tokens, cfg.seed, world, dtype, cfg.num_samples,
+                             temperature=cfg.temperature, top_k=cfg.top_k) if world.is_master else None
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and world.device_type == "cuda")
     if cfg.activation_checkpointing == "true":  # keep each block's input only, recompute the rest in the backward

@@ -285,7 +285,8 @@ def test_the_table_says_what_resume_does_with_each_flag():
     assert set(kinds.values()) == {"math", "run", "machine", "command"}
     assert {k for k, v in kinds.items() if v == "machine"} == {"device", "dtype", "compile", "micro_batch_size",
                                                                "dist_timeout", "activation_checkpointing", "fsdp"}
-    assert {k for k, v in kinds.items() if v == "command"} == {"resume", "sample", "log_dir"}
+    assert {k for k, v in kinds.items() if v == "command"} == {"resume", "sample", "log_dir", "temperature", "top_k",
+                                                               "num_samples", "max_new_tokens"}  # --sample's own
 
 
 # -- a diverged run is never saved or reported as a success -------------------------------------------------------
