@@ -202,6 +202,10 @@ def check_flags(cfg, world, start, shape, lr):
            cfg.keep_checkpoints, cfg.val_tokens, cfg.core_max_per_task) < 0:
         problems.append("the --*_every, --keep_checkpoints, --val_tokens and --core_max_per_task flags cannot be "
                         "negative")
+    if cfg.sample is not None:  # --sample's own flags (not >=: a nan temperature too)
+        problems += [f"--{k} {getattr(cfg, k)}: must be {'0 (greedy) or more' if k == 'temperature' else 'at least 1'}"
+                     for k in ("temperature", "top_k", "num_samples", "max_new_tokens")
+                     if not getattr(cfg, k) >= (0 if k == "temperature" else 1)]
     if (cfg.sample_every > 0 and not cfg.prompt) or cfg.sample == "":
         problems.append("the samples' prompt is empty: give --prompt TEXT (or --sample_every 0)")
     if cfg.hellaswag_every > 0 and cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():

@@ -589,10 +589,6 @@ def evaluate_core(raw_model, tasks, items, world, batch_size, dtype, stop):
 def print_samples(raw_model, prompt, max_new_tokens, seed, world, dtype, num_samples=4, **sampling):
     """num_samples continuations of prompt (sampling: stream's temperature, top_k), decoded together after one prefill,
     the first printed as its tokens come, the rest when done; their generator is their own (training RNG untouched)."""
-    bad = [f"--{k} {v}" for k, v in dict(sampling, num_samples=num_samples, max_new_tokens=max_new_tokens).items()
-           if not v >= (0 if k == "temperature" else 1)]  # (not >=: a nan temperature too)
-    if bad:
-        raise UserError(f"{', '.join(bad)}: --temperature must be >= 0 (0: greedy), the other sampling flags >= 1")
     enc = get_tokenizer()
     ids = enc.encode_ordinary(prompt)
     if not ids or max(ids) >= raw_model.config.vocab_size:
@@ -813,6 +809,22 @@ def loop(cfg, run, model, raw_model, optimizers, train_loader, val_loader, evals
             return run.save_and_stop(step + 1, raw_model, optimizers, train_loader, val_loss)
 
 
+def parallel_model(raw_model, cfg, world, dtype, use_compile):
+    """The model the training step runs: raw_model compiled, and under torchrun wrapped by DDP, which all-reduces
+    the gradients during backward; or, with the memory modes (memory.py), its blocks recomputed in the backward and
+    its weights sharded across the ranks (FSDP2)."""
+    if cfg.activation_checkpointing == "true":  # keep each block's input only, recompute the rest in the backward
+        memory.checkpoint_blocks(raw_model)
+    if cfg.fsdp == "true":  # each rank keeps 1/W of the weights, gradients and optimizer state
+        return memory.shard(raw_model, world, dtype, use_compile)
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if world.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
+            gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
+    return model
+
+
 def create_model(cfg, config, checkpoint, start):
     """A checkpoint's model (resumed, or a .pt to fine-tune), a Hugging Face model, or a fresh one."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -840,16 +852,7 @@ def train(cfg, world, given=()):
                              temperature=cfg.temperature, top_k=cfg.top_k) if world.is_master else None
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer for what stays in float32
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and world.device_type == "cuda")
-    if cfg.activation_checkpointing == "true":  # keep each block's input only, recompute the rest in the backward
-        memory.checkpoint_blocks(raw_model)
-    if cfg.fsdp == "true":  # each rank keeps 1/W of the weights, gradients and optimizer state (memory.py)
-        model = memory.shard(raw_model, world, dtype, use_compile)
-    else:
-        model = torch.compile(raw_model) if use_compile else raw_model
-        if world.world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[world.local_rank] if world.device_type == "cuda" else None,
-                gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no copy in and out of them
+    model = parallel_model(raw_model, cfg, world, dtype, use_compile)  # compiled; DDP (or FSDP) under torchrun
     # the optimizers after sharding, which replaces each parameter by this rank's shard of it
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, device_type=world.device_type, **lrs)
     if "micro_batch_size" not in given and memory.out_of_memory_is_an_error(world):  # the largest B, B/2, ... that fits
