@@ -9,21 +9,12 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TINY, read_log, train
+from test_faults import error_of
 
 import bookkeeping
 import checkpoints
 import common
 import train_gpt2
-
-
-def error_of(capsys, *argv):
-    """main(argv) must exit non-zero with one line on stderr and no traceback: returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        train_gpt2.main(list(argv))
-    assert exit_info.value.code != 0
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train_gpt2.py: error: "), lines
-    return lines[0]
 
 
 def names(directory):
